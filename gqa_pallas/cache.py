@@ -1,0 +1,167 @@
+"""A functional KV cache: a pytree that passes through ``jit``, ``scan``, ``while_loop`` and donation.
+
+Layout ``k``/``v`` ``[B, S_max, K, H]`` (Flax's ``cached_key`` layout); the kernels read it in place.
+``lengths int32[B]`` counts the tokens each row holds; rows advance independently.
+
+Overflow policy: outside ``jit`` (concrete values) an append that does not fit raises a
+``ValueError`` naming the row. Inside ``jit`` a row never writes into another row and never wraps:
+tokens that do not fit are dropped, the row's length saturates at ``S_max`` and the row's sticky
+``overflowed`` flag is set; ``cache.check()`` turns the flags into a ``checkify`` error.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from gqa_pallas import validation
+
+
+def _is_concrete(*xs) -> bool:
+  return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Per-layer KV cache.
+
+  Attributes:
+    k: ``[B, S_max, K, H]`` keys (a leading layer axis ``[L, B, S_max, K, H]`` when stacked).
+    v: like ``k``.
+    lengths: ``int32[B]`` (``[L, B]`` when stacked) tokens held per row.
+    overflowed: ``bool[B]`` (``[L, B]``) set once a row was asked to hold more than ``S_max``.
+  """
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+  overflowed: jax.Array
+
+  @classmethod
+  def init(cls, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
+           dtype=jnp.bfloat16, *, num_layers: int | None = None) -> "KVCache":
+    """An empty cache. ``num_layers`` adds a leading layer axis for ``lax.scan`` over layers."""
+    for name, value in (("batch", batch), ("max_length", max_length),
+                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+      if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"KVCache.init: {name} must be a positive int; got {value!r}.")
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in validation.SUPPORTED_DTYPES]:
+      raise TypeError(f"KVCache.init: dtype must be bfloat16, float16 or float32; got {dtype}.")
+    lead = () if num_layers is None else (num_layers,)
+    shape = lead + (batch, max_length, num_kv_heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+               lengths=jnp.zeros(lead + (batch,), jnp.int32),
+               overflowed=jnp.zeros(lead + (batch,), jnp.bool_))
+
+  # Shape accessors (valid for an unstacked cache and for a stacked one).
+  @property
+  def batch(self) -> int:
+    return self.k.shape[-4]
+
+  @property
+  def max_length(self) -> int:
+    return self.k.shape[-3]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.k.shape[-2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.k.shape[-1]
+
+  @property
+  def num_layers(self) -> int | None:
+    return self.k.shape[0] if self.k.ndim == 5 else None
+
+  def layer(self, i) -> "KVCache":
+    """The cache of layer ``i`` of a stacked cache."""
+    if self.num_layers is None:
+      raise ValueError("layer(i) needs a stacked cache (created with num_layers=...).")
+    return jax.tree_util.tree_map(lambda x: x[i], self)
+
+  def append(self, k_new, v_new, num_new=None) -> "KVCache":
+    """Writes ``k_new``/``v_new`` ``[B, T_new, K, H]`` at each row's own offset ``lengths[b]``.
+
+    ``num_new int32[B]`` (default ``T_new``): only the first ``num_new[b]`` tokens of row ``b`` are
+    valid and written. Returns the new cache; under ``jit`` with the cache donated the update is in
+    place. A stacked cache takes ``[L, B, T_new, K, H]`` and ``num_new [B]`` or ``[L, B]``.
+    """
+    if self.num_layers is not None:
+      num_new_l = num_new
+      if num_new is not None and jnp.ndim(num_new) == 1:
+        num_new_l = jnp.broadcast_to(jnp.asarray(num_new), self.lengths.shape)
+      if num_new_l is None:
+        return jax.vmap(lambda c, kn, vn: c.append(kn, vn))(self, k_new, v_new)
+      return jax.vmap(lambda c, kn, vn, nn: c.append(kn, vn, nn))(self, k_new, v_new, num_new_l)
+    validation.check_rank("k_new", k_new, 4, "[B, T_new, K, H]")
+    validation.check_rank("v_new", v_new, 4, "[B, T_new, K, H]")
+    b, s_max, kh, h = self.k.shape
+    if k_new.shape != v_new.shape:
+      raise ValueError(f"k_new and v_new must have the same shape; got {k_new.shape} and "
+                       f"{v_new.shape}.")
+    if k_new.shape[0] != b or k_new.shape[2:] != (kh, h):
+      raise ValueError(f"append expects [B, T_new, K, H] = [{b}, T_new, {kh}, {h}]; got "
+                       f"{k_new.shape}.")
+    t_new = k_new.shape[1]
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+      validation.check_float_dtype(name, x)
+    num_new = validation.check_per_row("num_new", num_new, b)
+    if num_new is None:
+      num_new = jnp.full((b,), t_new, jnp.int32)
+    if _is_concrete(num_new, self.lengths):
+      nn = np.asarray(num_new)
+      if np.any(nn < 0) or np.any(nn > t_new):
+        row = int(np.argmax((nn < 0) | (nn > t_new)))
+        raise ValueError(f"num_new[{row}] = {nn[row]} is outside [0, T_new={t_new}].")
+      total = np.asarray(self.lengths) + nn
+      if np.any(total > s_max):
+        row = int(np.argmax(total > s_max))
+        raise ValueError(
+            f"KV cache overflow: row {row} holds {int(np.asarray(self.lengths)[row])} tokens and "
+            f"appends {int(nn[row])}, more than max_length={s_max}.")
+    num_new = jnp.clip(num_new, 0, t_new)
+    t = jnp.arange(t_new, dtype=jnp.int32)[None, :]
+    pos = self.lengths[:, None] + t  # [B, T_new]
+    # Invalid tokens and tokens past S_max go to index S_max, which the scatter drops: a row never
+    # wraps around and never spills into the next row.
+    pos = jnp.where((t < num_new[:, None]) & (pos < s_max), pos, s_max)
+    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], pos.shape)
+    k = self.k.at[rows, pos].set(k_new.astype(self.k.dtype), mode="drop")
+    v = self.v.at[rows, pos].set(v_new.astype(self.v.dtype), mode="drop")
+    wanted = self.lengths + num_new
+    return KVCache(k=k, v=v, lengths=jnp.minimum(wanted, s_max),
+                   overflowed=self.overflowed | (wanted > s_max))
+
+  def reset(self, rows=None) -> "KVCache":
+    """Empties ``rows`` (``bool[B]`` mask or integer indices; ``None``: every row).
+
+    Data is left in place: slots past ``lengths`` are never read, so clearing them is not needed.
+    """
+    lengths_shape = self.lengths.shape
+    if rows is None:
+      clear = jnp.ones(lengths_shape, jnp.bool_)
+    else:
+      rows = jnp.asarray(rows)
+      if rows.dtype == jnp.bool_:
+        if rows.shape != (self.batch,):
+          raise ValueError(f"reset: a row mask must be bool[{self.batch}]; got {rows.shape}.")
+        clear = jnp.broadcast_to(rows, lengths_shape)
+      elif jnp.issubdtype(rows.dtype, jnp.integer):
+        if _is_concrete(rows) and np.any((np.asarray(rows) < 0) |
+                                         (np.asarray(rows) >= self.batch)):
+          raise ValueError(f"reset: row indices must be in [0, {self.batch}); got {rows}.")
+        clear = jnp.zeros((self.batch,), jnp.bool_).at[rows.reshape(-1)].set(True, mode="drop")
+        clear = jnp.broadcast_to(clear, lengths_shape)
+      else:
+        raise TypeError(f"reset: rows must be a bool mask or integer indices; got {rows.dtype}.")
+    return dataclasses.replace(self, lengths=jnp.where(clear, 0, self.lengths),
+                               overflowed=jnp.where(clear, False, self.overflowed))
+
+  def check(self) -> None:
+    """A ``checkify`` check that no row overflowed (use inside ``checkify.checkify``)."""
+    checkify.check(~jnp.any(self.overflowed), "KV cache overflow: a row was asked to hold more "
+                   "than max_length tokens (overflowed = {f})", f=self.overflowed)

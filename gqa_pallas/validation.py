@@ -1,0 +1,89 @@
+"""Input validation shared by every public entry point.
+
+Each check raises a ``ValueError`` (wrong shape/value) or ``TypeError`` (wrong dtype) whose message
+says what was expected, so callers learn what is supported instead of getting a lowering error.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+_DTYPE_NAMES = "bfloat16, float16, float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionDims:
+  """Static sizes of one attention call: q ``[B, T, N, H]``, k/v ``[B, S, K, H]``."""
+  batch: int
+  q_len: int
+  kv_len: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+
+  @property
+  def group_size(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+
+def check_float_dtype(name: str, x) -> None:
+  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+    raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}; got {x.dtype}.")
+
+
+def check_rank(name: str, x, rank: int, layout: str) -> None:
+  if getattr(x, "ndim", None) != rank:
+    raise ValueError(
+        f"{name} must be rank {rank} with layout {layout}; got shape {getattr(x, 'shape', None)}.")
+
+
+def check_per_row(name: str, x, batch: int):
+  """Per-row integer vector ``int32[B]``; a Python int or scalar is broadcast to every row."""
+  if x is None:
+    return None
+  if isinstance(x, (int, np.integer)):
+    return jnp.full((batch,), x, jnp.int32)
+  x = jnp.asarray(x) if not hasattr(x, "dtype") else x
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must be an integer array int32[{batch}]; got dtype {x.dtype}.")
+  if x.ndim == 0:
+    return jnp.broadcast_to(x.astype(jnp.int32), (batch,))
+  if x.shape != (batch,):
+    raise ValueError(f"{name} must have shape [B] = ({batch},); got {x.shape}.")
+  return x.astype(jnp.int32)
+
+
+def validate_attention(q, k, v, q_offset=None, kv_lengths=None):
+  """Checks q ``[B,T,N,H]``, k/v ``[B,S,K,H]`` and the per-row vectors.
+
+  Returns ``(dims, q_offset, kv_lengths)`` with the vectors as ``int32[B]`` or ``None``.
+  """
+  check_rank("q", q, 4, "[B, T, N, H]")
+  check_rank("k", k, 4, "[B, S, K, H]")
+  check_rank("v", v, 4, "[B, S, K, H]")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    check_float_dtype(name, x)
+  if not (q.dtype == k.dtype == v.dtype):
+    raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape [B, S, K, H]; got {k.shape} and {v.shape}.")
+  b, t, n, h = q.shape
+  bk, s, kh, hk = k.shape
+  if bk != b:
+    raise ValueError(f"q and k/v must have the same batch size; got {b} and {bk}.")
+  if hk != h:
+    raise ValueError(f"q and k/v must have the same head dim H; got {h} and {hk}.")
+  if kh == 0 or n % kh:
+    raise ValueError(
+        f"the number of query heads N={n} must be a multiple of the number of kv heads K={kh}.")
+  q_offset = check_per_row("q_offset", q_offset, b)
+  kv_lengths = check_per_row("kv_lengths", kv_lengths, b)
+  return AttentionDims(b, t, s, n, kh, h), q_offset, kv_lengths
+
+
+def check_scale(scale):
+  if scale is not None and not isinstance(scale, (int, float, np.floating)):
+    raise TypeError(f"scale must be a Python float or None; got {type(scale).__name__}.")
