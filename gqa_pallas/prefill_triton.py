@@ -1,0 +1,273 @@
+"""Flash-attention forward for causal GQA, written in Pallas and lowered through Triton.
+
+Layout: q ``[B, T, N, H]``, k/v ``[B, S, K, H]``, group size ``G = N // K``.
+
+One program owns one kv head ``k`` of one batch row ``b`` and a tile of ``block_t`` consecutive
+query positions. Its Q tile packs the ``G`` query heads of the group (padded to a power of two,
+``heads_per_tile`` of them) under each position, so a tile has ``block_t * heads_per_tile`` rows and
+every K/V tile streamed from HBM serves the whole group at once; K/V are never repeated.
+
+The KV loop runs in two phases: blocks that every row of the tile sees in full (no mask, no NaN
+guard) and then the boundary blocks that cross the causal diagonal or ``kv_lengths[b]`` (masked).
+Blocks past the last visible key are never visited. Softmax runs in float32 in the base-2 domain.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from gqa_pallas import _triton_compat as tc
+from gqa_pallas import reference
+
+logger = logging.getLogger("gqa_pallas")
+
+_LOG2_E = math.log2(math.e)
+_LN_2 = math.log(2.0)
+MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillConfig:
+  """Static launch configuration (hashable: passed as a static argument).
+
+  Attributes:
+    block_m: rows of the Q tile (``block_t * heads_per_tile``).
+    block_k: keys per K/V tile.
+    num_warps, num_stages: Triton launch parameters.
+  """
+  block_m: int = 128
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+# Tuning table: (padded head dim, dtype name) -> config. Chosen on an H100 (benchmarks/prefill
+# sweep); fp32 tiles are halved to fit shared memory with ieee dots.
+TUNING_TABLE: dict[tuple[int, str], PrefillConfig] = {
+    (16, "bfloat16"): PrefillConfig(128, 64, 4, 3),
+    (32, "bfloat16"): PrefillConfig(128, 64, 4, 3),
+    (64, "bfloat16"): PrefillConfig(128, 64, 4, 3),
+    (128, "bfloat16"): PrefillConfig(128, 64, 8, 3),
+    (256, "bfloat16"): PrefillConfig(64, 32, 8, 2),
+    (16, "float16"): PrefillConfig(128, 64, 4, 3),
+    (32, "float16"): PrefillConfig(128, 64, 4, 3),
+    (64, "float16"): PrefillConfig(128, 64, 4, 3),
+    (128, "float16"): PrefillConfig(128, 64, 8, 3),
+    (256, "float16"): PrefillConfig(64, 32, 8, 2),
+    (16, "float32"): PrefillConfig(64, 32, 4, 2),
+    (32, "float32"): PrefillConfig(64, 32, 4, 2),
+    (64, "float32"): PrefillConfig(64, 32, 4, 2),
+    (128, "float32"): PrefillConfig(64, 32, 8, 2),
+    (256, "float32"): PrefillConfig(32, 32, 8, 1),
+}
+
+
+def padded_head_dim(head_dim: int) -> int:
+  return max(16, pl.next_power_of_2(head_dim))
+
+
+def check_head_dim(head_dim: int) -> None:
+  if head_dim > MAX_HEAD_DIM or head_dim % 8:
+    raise ValueError(f"the Triton kernels support head dims that are multiples of 8 up to "
+                     f"{MAX_HEAD_DIM} (64 and 128 are tuned); got H={head_dim}.")
+
+
+def default_config(head_dim: int, dtype) -> PrefillConfig:
+  return TUNING_TABLE[(padded_head_dim(head_dim), jnp.dtype(dtype).name)]
+
+
+def tile_shape(group_size: int, block_m: int) -> tuple[int, int]:
+  """``(block_t, heads_per_tile)`` for a group of ``group_size`` query heads."""
+  heads_per_tile = min(pl.next_power_of_2(group_size), max(block_m // 2, 1), 64)
+  block_t = max(block_m // heads_per_tile, 1)
+  return block_t, heads_per_tile
+
+
+def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *lse_refs,
+                    scale, causal, block_t, heads_per_tile, block_k, head_dim, group_size,
+                    q_len):
+  """One (query tile, head chunk, kv head, batch row).
+
+  Refs: q ``[T, G, Hp]`` and o ``[T, G, Hp]`` of this (b, k); k/v ``[S, Hp]``; lse ``[T, G]``.
+  """
+  t_block = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal tiles first
+  head_chunk = pl.program_id(1)
+  b = pl.program_id(3)
+  block_m = block_t * heads_per_tile
+  head_dim_p = q_ref.shape[-1]
+
+  q_offset = q_offset_ref[b]
+  kv_len = kv_lengths_ref[b]
+  t0 = t_block * block_t
+  h0 = head_chunk * heads_per_tile
+
+  t_idx = t0 + lax.broadcasted_iota(jnp.int32, (block_t, heads_per_tile, 1), 0)
+  h_idx = h0 + lax.broadcasted_iota(jnp.int32, (block_t, heads_per_tile, 1), 1)
+  d_idx = lax.broadcasted_iota(jnp.int32, (1, 1, head_dim_p), 2)
+  q_mask = (t_idx < q_len) & (h_idx < group_size) & (d_idx < head_dim)
+  q = tc.load(q_ref.at[pl.ds(t0, block_t), pl.ds(h0, heads_per_tile), :], mask=q_mask, other=0.)
+  q = q.reshape(block_m, head_dim_p)
+
+  # Absolute position of each tile row (rows are position-major, heads inside).
+  row_pos = q_offset + t0 + lax.broadcasted_iota(jnp.int32, (block_m,), 0) // heads_per_tile
+  qk_scale = scale * _LOG2_E
+  head_mask = (jnp.arange(head_dim_p) < head_dim)[None, :]
+  pad_head = head_dim_p != head_dim
+
+  def kv_tile(start, key_mask):
+    """K and V tiles ``[block_k, Hp]``; masked-out slots read as 0 (never NaN garbage)."""
+    sl = pl.ds(start, block_k)
+    mask = None if key_mask is None else key_mask[:, None]
+    if pad_head:
+      mask = head_mask if mask is None else mask & head_mask
+    other = None if mask is None else 0.
+    return (tc.load(k_ref.at[sl, :], mask=mask, other=other),
+            tc.load(v_ref.at[sl, :], mask=mask, other=other))
+
+  def step(i, carry, masked):
+    acc, m_prev, l_prev = carry
+    start = i * block_k
+    key_idx = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    if masked:
+      k, v = kv_tile(start, key_idx < kv_len)
+    else:
+      k, v = kv_tile(start, None)
+    s = tc.dot(q, k.T) * qk_scale  # [block_m, block_k], log2 domain
+    if masked:
+      visible = key_idx[None, :] < kv_len
+      if causal:
+        visible = visible & (key_idx[None, :] <= row_pos[:, None])
+      s = jnp.where(visible, s, -jnp.inf)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    if masked:
+      # A row that has seen no visible key yet keeps m == -inf; shift by 0 so that
+      # exp2(-inf - -inf) never produces NaN.
+      m_safe = jnp.where(m_next == -jnp.inf, 0., m_next)
+    else:
+      m_safe = m_next
+    alpha = jnp.exp2(m_prev - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    l_next = alpha * l_prev + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tc.dot(p.astype(v.dtype), v)
+    return acc, m_next, l_next
+
+  # Keys [0, full_end) are visible to every row of the tile; [full_end, end) need the mask.
+  first_pos = q_offset + t0
+  last_pos = jnp.minimum(q_offset + t0 + block_t, q_offset + q_len) - 1
+  if causal:
+    full_keys = jnp.clip(jnp.minimum(kv_len, first_pos + 1), 0, None)
+    end_keys = jnp.clip(jnp.minimum(kv_len, last_pos + 1), 0, None)
+  else:
+    full_keys = kv_len
+    end_keys = kv_len
+  n_full = full_keys // block_k
+  n_end = pl.cdiv(end_keys, block_k)
+
+  carry = (jnp.zeros((block_m, head_dim_p), jnp.float32),
+           jnp.full((block_m,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_m,), jnp.float32))
+  carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
+  acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(step, masked=True), carry)
+
+  has_keys = l > 0
+  out = acc / jnp.where(has_keys, l, 1.)[:, None]
+  out = out.reshape(block_t, heads_per_tile, head_dim_p)
+  tc.store(o_ref.at[pl.ds(t0, block_t), pl.ds(h0, heads_per_tile), :], out.astype(o_ref.dtype),
+           mask=q_mask)
+  if lse_refs:
+    (lse_ref,) = lse_refs
+    lse = jnp.where(has_keys, (m + jnp.log2(jnp.where(has_keys, l, 1.))) * _LN_2, -jnp.inf)
+    lse = lse.reshape(block_t, heads_per_tile)
+    t2 = t0 + lax.broadcasted_iota(jnp.int32, (block_t, heads_per_tile), 0)
+    h2 = h0 + lax.broadcasted_iota(jnp.int32, (block_t, heads_per_tile), 1)
+    tc.store(lse_ref.at[pl.ds(t0, block_t), pl.ds(h0, heads_per_tile)], lse,
+             mask=(t2 < q_len) & (h2 < group_size))
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "return_lse", "interpret",
+                                             "config"))
+def _prefill_call(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret, config):
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  g = n // kh
+  head_dim_p = padded_head_dim(h)
+  block_t, heads_per_tile = tile_shape(g, config.block_m)
+  block_k = min(config.block_k, max(16, pl.next_power_of_2(s)))
+  grid = (pl.cdiv(t, block_t), pl.cdiv(g, heads_per_tile), kh, b)
+  logger.debug("gqa prefill launch: B=%d T=%d S=%d N=%d K=%d H=%d dtype=%s grid=%s block_t=%d "
+               "heads_per_tile=%d block_k=%d num_warps=%d num_stages=%d", b, t, s, n, kh, h,
+               q.dtype, grid, block_t, heads_per_tile, block_k, config.num_warps,
+               config.num_stages)
+  q5 = q.reshape(b, t, kh, g, h)  # free: the group's heads are adjacent in memory
+  kernel = functools.partial(
+      _prefill_kernel, scale=scale, causal=causal, block_t=block_t,
+      heads_per_tile=heads_per_tile, block_k=block_k, head_dim=h, group_size=g, q_len=t)
+  qo_spec = pl.BlockSpec((None, t, None, g, head_dim_p), lambda i, j, kk, bb: (bb, 0, kk, 0, 0))
+  kv_spec = pl.BlockSpec((None, s, None, head_dim_p), lambda i, j, kk, bb: (bb, 0, kk, 0))
+  rows_spec = pl.BlockSpec((b,), lambda *_: (0,))  # per-row scalars: the whole [B] vector
+  in_specs = [rows_spec, rows_spec, qo_spec, kv_spec, kv_spec]
+  out_shape = [jax.ShapeDtypeStruct((b, t, kh, g, h), q.dtype)]
+  out_specs = [qo_spec]
+  if return_lse:
+    out_shape.append(jax.ShapeDtypeStruct((b, t, kh, g), jnp.float32))
+    out_specs.append(pl.BlockSpec((None, t, None, g), lambda i, j, kk, bb: (bb, 0, kk, 0)))
+  outs = pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=tc.compiler_params(config.num_warps, config.num_stages),
+      interpret=interpret, name="gqa_prefill",
+  )(q_offset, kv_lengths, q5, k, v)
+  out = outs[0].reshape(b, t, n, h)
+  if return_lse:
+    return out, outs[1].reshape(b, t, n)
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _prefill_diff(q, k, v, q_offset, kv_lengths, causal, scale, return_lse, interpret, config):
+  return _prefill_call(q, k, v, q_offset, kv_lengths, causal=causal, scale=scale,
+                       return_lse=return_lse, interpret=interpret, config=config)
+
+
+def _prefill_fwd(q, k, v, q_offset, kv_lengths, causal, scale, return_lse, interpret, config):
+  res = _prefill_diff(q, k, v, q_offset, kv_lengths, causal, scale, return_lse, interpret, config)
+  return res, (q, k, v, q_offset, kv_lengths)
+
+
+def _prefill_bwd(causal, scale, return_lse, interpret, config, residuals, cotangent):
+  # Backward through the reference (XLA): exact gradients of the same function. A Pallas
+  # backward kernel is future work; see docs/design.md.
+  del interpret, config
+  q, k, v, q_offset, kv_lengths = residuals
+  fn = functools.partial(reference.attention_reference, causal=causal, q_offset=q_offset,
+                         kv_lengths=kv_lengths, scale=scale, return_lse=return_lse)
+  _, vjp = jax.vjp(fn, q, k, v)
+  dq, dk, dv = vjp(cotangent)
+  return dq, dk, dv, None, None
+
+
+_prefill_diff.defvjp(_prefill_fwd, _prefill_bwd)
+
+
+def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse=False,
+                      interpret=False, config: PrefillConfig | None = None):
+  """Runs the kernel on validated inputs (see ``gqa_pallas.gqa_attention`` for semantics).
+
+  ``q_offset``/``kv_lengths`` are ``int32[B]`` (defaults already resolved); ``scale`` a float.
+  """
+  check_head_dim(q.shape[-1])
+  if config is None:
+    config = default_config(q.shape[-1], q.dtype)
+  if q.shape[1] == 0 or q.shape[0] == 0:
+    out = jnp.zeros(q.shape, q.dtype)
+    lse = jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
+    return (out, lse) if return_lse else out
+  kv_lengths = jnp.clip(kv_lengths, 0, k.shape[1])
+  return _prefill_diff(q, k, v, q_offset, kv_lengths, causal, float(scale), return_lse,
+                       interpret, config)
