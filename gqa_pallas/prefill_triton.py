@@ -2,10 +2,10 @@
 
 Layout: q ``[B, T, N, H]``, k/v ``[B, S, K, H]``, group size ``G = N // K``.
 
-One program owns one kv head ``k`` of one batch row ``b`` and a tile of ``block_t`` consecutive
-query positions. Its Q tile packs the ``G`` query heads of the group (padded to a power of two,
-``heads_per_tile`` of them) under each position, so a tile has ``block_t * heads_per_tile`` rows and
-every K/V tile streamed from HBM serves the whole group at once; K/V are never repeated.
+One program owns one kv head ``k`` of one batch row ``b`` and a tile of ``block_m`` rows of the
+flattened (position, group head) axis ``f = t * G + g`` (see ``_flash``): the ``G`` query heads of
+the group share the tile, so every K/V tile streamed from HBM serves the whole group at once, and
+no row is padding whatever ``G`` is. K/V are never repeated.
 
 The KV loop runs in two phases: blocks that every row of the tile sees in full (no mask, no NaN
 guard) and then the boundary blocks that cross the causal diagonal or ``kv_lengths[b]`` (masked).
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from gqa_pallas import _flash
 from gqa_pallas import _triton_compat as tc
 from gqa_pallas import reference
 
@@ -38,7 +39,7 @@ class PrefillConfig:
   """Static launch configuration (hashable: passed as a static argument).
 
   Attributes:
-    block_m: rows of the Q tile (``block_t * heads_per_tile``).
+    block_m: rows of the Q tile (flattened (position, group head) pairs).
     block_k: keys per K/V tile.
     num_warps, num_stages: Triton launch parameters.
   """
@@ -83,112 +84,38 @@ def default_config(head_dim: int, dtype) -> PrefillConfig:
   return TUNING_TABLE[(padded_head_dim(head_dim), jnp.dtype(dtype).name)]
 
 
-def tile_shape(group_size: int, block_m: int) -> tuple[int, int]:
-  """``(block_t, heads_per_tile)`` for a group of ``group_size`` query heads."""
-  heads_per_tile = min(pl.next_power_of_2(group_size), max(block_m // 2, 1), 64)
-  block_t = max(block_m // heads_per_tile, 1)
-  return block_t, heads_per_tile
-
-
 def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *lse_refs,
-                    scale, causal, block_t, heads_per_tile, block_k, head_dim, group_size,
-                    q_len):
-  """One (query tile, head chunk, kv head, batch row).
+                    scale, causal, block_m, block_k, head_dim, group_size, q_len):
+  """One (row tile, kv head, batch row).
 
-  Refs: q ``[T, G, Hp]`` and o ``[T, G, Hp]`` of this (b, k); k/v ``[S, Hp]``; lse ``[T, G]``.
+  Refs: q and o ``[T, G, Hp]`` of this (b, kv head); k/v ``[S, Hp]``; lse ``[T, G]``. The tile
+  covers flattened rows ``[tile * block_m, (tile + 1) * block_m)`` of ``f = t * G + g``.
   """
-  t_block = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal tiles first
-  head_chunk = pl.program_id(1)
-  b = pl.program_id(3)
-  block_m = block_t * heads_per_tile
-  head_dim_p = q_ref.shape[-1]
-
+  tile = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal tiles first
+  b = pl.program_id(2)
   q_offset = q_offset_ref[b]
   kv_len = kv_lengths_ref[b]
-  t0 = t_block * block_t
-  h0 = head_chunk * heads_per_tile
+  num_rows = q_len * group_size
+  first_row = tile * block_m
+  t, g, valid = _flash.tile_rows(first_row, block_m, group_size, num_rows)
+  q = _flash.load_rows(q_ref, t, g, valid, head_dim)
 
-  t_idx = t0 + lax.broadcasted_iota(jnp.int32, (block_t, heads_per_tile, 1), 0)
-  h_idx = h0 + lax.broadcasted_iota(jnp.int32, (block_t, heads_per_tile, 1), 1)
-  d_idx = lax.broadcasted_iota(jnp.int32, (1, 1, head_dim_p), 2)
-  q_mask = (t_idx < q_len) & (h_idx < group_size) & (d_idx < head_dim)
-  q = tc.load(q_ref.at[pl.ds(t0, block_t), pl.ds(h0, heads_per_tile), :], mask=q_mask, other=0.)
-  q = q.reshape(block_m, head_dim_p)
-
-  # Absolute position of each tile row (rows are position-major, heads inside).
-  row_pos = q_offset + t0 + lax.broadcasted_iota(jnp.int32, (block_m,), 0) // heads_per_tile
-  qk_scale = scale * _LOG2_E
-  head_mask = (jnp.arange(head_dim_p) < head_dim)[None, :]
-  pad_head = head_dim_p != head_dim
-
-  def kv_tile(start, key_mask):
-    """K and V tiles ``[block_k, Hp]``; masked-out slots read as 0 (never NaN garbage)."""
-    sl = pl.ds(start, block_k)
-    mask = None if key_mask is None else key_mask[:, None]
-    if pad_head:
-      mask = head_mask if mask is None else mask & head_mask
-    other = None if mask is None else 0.
-    return (tc.load(k_ref.at[sl, :], mask=mask, other=other),
-            tc.load(v_ref.at[sl, :], mask=mask, other=other))
-
-  def step(i, carry, masked):
-    acc, m_prev, l_prev = carry
-    start = i * block_k
-    key_idx = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-    if masked:
-      k, v = kv_tile(start, key_idx < kv_len)
-    else:
-      k, v = kv_tile(start, None)
-    s = tc.dot(q, k.T) * qk_scale  # [block_m, block_k], log2 domain
-    if masked:
-      visible = key_idx[None, :] < kv_len
-      if causal:
-        visible = visible & (key_idx[None, :] <= row_pos[:, None])
-      s = jnp.where(visible, s, -jnp.inf)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    if masked:
-      # A row that has seen no visible key yet keeps m == -inf; shift by 0 so that
-      # exp2(-inf - -inf) never produces NaN.
-      m_safe = jnp.where(m_next == -jnp.inf, 0., m_next)
-    else:
-      m_safe = m_next
-    alpha = jnp.exp2(m_prev - m_safe)
-    p = jnp.exp2(s - m_safe[:, None])
-    l_next = alpha * l_prev + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tc.dot(p.astype(v.dtype), v)
-    return acc, m_next, l_next
-
-  # Keys [0, full_end) are visible to every row of the tile; [full_end, end) need the mask.
-  first_pos = q_offset + t0
-  last_pos = jnp.minimum(q_offset + t0 + block_t, q_offset + q_len) - 1
+  # Keys [0, full_keys) are visible to every row of the tile; [full_keys, end_keys) need the mask.
+  first_pos = q_offset + first_row // group_size
+  last_pos = q_offset + (jnp.minimum(first_row + block_m, num_rows) - 1) // group_size
   if causal:
     full_keys = jnp.clip(jnp.minimum(kv_len, first_pos + 1), 0, None)
     end_keys = jnp.clip(jnp.minimum(kv_len, last_pos + 1), 0, None)
   else:
-    full_keys = kv_len
-    end_keys = kv_len
-  n_full = full_keys // block_k
-  n_end = pl.cdiv(end_keys, block_k)
-
-  carry = (jnp.zeros((block_m, head_dim_p), jnp.float32),
-           jnp.full((block_m,), -jnp.inf, jnp.float32),
-           jnp.zeros((block_m,), jnp.float32))
-  carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), carry)
-  acc, m, l = lax.fori_loop(n_full, n_end, functools.partial(step, masked=True), carry)
-
-  has_keys = l > 0
-  out = acc / jnp.where(has_keys, l, 1.)[:, None]
-  out = out.reshape(block_t, heads_per_tile, head_dim_p)
-  tc.store(o_ref.at[pl.ds(t0, block_t), pl.ds(h0, heads_per_tile), :], out.astype(o_ref.dtype),
-           mask=q_mask)
+    full_keys = end_keys = kv_len
+  acc, m, l = _flash.attend(
+      q, k_ref, v_ref, q_offset + t, kv_len, block_lo=0, n_full=full_keys // block_k,
+      n_end=pl.cdiv(end_keys, block_k), block_k=block_k, qk_scale=scale * _LOG2_E,
+      head_dim=head_dim, causal=causal)
+  out, lse2 = _flash.finalize(acc, m, l)
+  _flash.store_rows(o_ref, out, t, g, valid, head_dim)
   if lse_refs:
-    (lse_ref,) = lse_refs
-    lse = jnp.where(has_keys, (m + jnp.log2(jnp.where(has_keys, l, 1.))) * _LN_2, -jnp.inf)
-    lse = lse.reshape(block_t, heads_per_tile)
-    t2 = t0 + lax.broadcasted_iota(jnp.int32, (block_t, heads_per_tile), 0)
-    h2 = h0 + lax.broadcasted_iota(jnp.int32, (block_t, heads_per_tile), 1)
-    tc.store(lse_ref.at[pl.ds(t0, block_t), pl.ds(h0, heads_per_tile)], lse,
-             mask=(t2 < q_len) & (h2 < group_size))
+    _flash.store_row_values(lse_refs[0], lse2 * _LN_2, t, g, valid)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "return_lse", "interpret",
@@ -198,26 +125,25 @@ def _prefill_call(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, i
   s, kh = k.shape[1], k.shape[2]
   g = n // kh
   head_dim_p = padded_head_dim(h)
-  block_t, heads_per_tile = tile_shape(g, config.block_m)
+  block_m = config.block_m
   block_k = min(config.block_k, max(16, pl.next_power_of_2(s)))
-  grid = (pl.cdiv(t, block_t), pl.cdiv(g, heads_per_tile), kh, b)
-  logger.debug("gqa prefill launch: B=%d T=%d S=%d N=%d K=%d H=%d dtype=%s grid=%s block_t=%d "
-               "heads_per_tile=%d block_k=%d num_warps=%d num_stages=%d", b, t, s, n, kh, h,
-               q.dtype, grid, block_t, heads_per_tile, block_k, config.num_warps,
-               config.num_stages)
+  grid = (pl.cdiv(t * g, block_m), kh, b)
+  logger.debug("gqa prefill launch: B=%d T=%d S=%d N=%d K=%d H=%d dtype=%s grid=%s block_m=%d "
+               "block_k=%d num_warps=%d num_stages=%d", b, t, s, n, kh, h, q.dtype, grid,
+               block_m, block_k, config.num_warps, config.num_stages)
   q5 = q.reshape(b, t, kh, g, h)  # free: the group's heads are adjacent in memory
   kernel = functools.partial(
-      _prefill_kernel, scale=scale, causal=causal, block_t=block_t,
-      heads_per_tile=heads_per_tile, block_k=block_k, head_dim=h, group_size=g, q_len=t)
-  qo_spec = pl.BlockSpec((None, t, None, g, head_dim_p), lambda i, j, kk, bb: (bb, 0, kk, 0, 0))
-  kv_spec = pl.BlockSpec((None, s, None, head_dim_p), lambda i, j, kk, bb: (bb, 0, kk, 0))
+      _prefill_kernel, scale=scale, causal=causal, block_m=block_m, block_k=block_k,
+      head_dim=h, group_size=g, q_len=t)
+  qo_spec = pl.BlockSpec((None, t, None, g, head_dim_p), lambda i, kk, bb: (bb, 0, kk, 0, 0))
+  kv_spec = pl.BlockSpec((None, s, None, head_dim_p), lambda i, kk, bb: (bb, 0, kk, 0))
   rows_spec = pl.BlockSpec((b,), lambda *_: (0,))  # per-row scalars: the whole [B] vector
   in_specs = [rows_spec, rows_spec, qo_spec, kv_spec, kv_spec]
   out_shape = [jax.ShapeDtypeStruct((b, t, kh, g, h), q.dtype)]
   out_specs = [qo_spec]
   if return_lse:
     out_shape.append(jax.ShapeDtypeStruct((b, t, kh, g), jnp.float32))
-    out_specs.append(pl.BlockSpec((None, t, None, g), lambda i, j, kk, bb: (bb, 0, kk, 0)))
+    out_specs.append(pl.BlockSpec((None, t, None, g), lambda i, kk, bb: (bb, 0, kk, 0)))
   outs = pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=tc.compiler_params(config.num_warps, config.num_stages),

@@ -1,0 +1,104 @@
+"""Pieces shared by the Triton prefill and decode kernels: row packing and the online softmax.
+
+Row packing: the ``G`` query heads of a kv head, times the query positions, are flattened into
+one row axis ``f = t * G + g``; a tile takes ``block_m`` consecutive rows. Every row is a real
+(position, head) pair, so no tile row is wasted on padding heads (e.g. ``G = 7``), and each K/V
+tile loaded from HBM serves the whole group. Rows are gathered/scattered with per-row pointers.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from gqa_pallas import _triton_compat as tc
+
+
+def tile_rows(first_row, block_m: int, group_size: int, num_rows: int):
+  """Position ``t``, head ``g`` and validity of the tile's rows (each ``int32[block_m]``)."""
+  f = first_row + lax.broadcasted_iota(jnp.int32, (block_m,), 0)
+  # Rows past the end keep their own (out-of-range) position: they are masked on GPU, and in
+  # interpret mode no two rows may alias one element (a masked scatter would write it back).
+  return f // group_size, f % group_size, f < num_rows
+
+
+def load_rows(ref, t, g, valid, head_dim: int):
+  """Gathers ``ref[t, g, :]`` (a ``[T, G, Hp]`` ref) into ``[block_m, Hp]``; invalid rows are 0."""
+  head_dim_p = ref.shape[-1]
+  d = lax.broadcasted_iota(jnp.int32, (1, head_dim_p), 1)
+  mask = valid[:, None] & (d < head_dim)
+  return tc.load(ref.at[t[:, None], g[:, None], d], mask=mask, other=0.)
+
+
+def store_rows(ref, value, t, g, valid, head_dim: int):
+  head_dim_p = ref.shape[-1]
+  d = lax.broadcasted_iota(jnp.int32, (1, head_dim_p), 1)
+  tc.store(ref.at[t[:, None], g[:, None], d], value.astype(ref.dtype),
+           mask=valid[:, None] & (d < head_dim))
+
+
+def store_row_values(ref, value, t, g, valid):
+  """Scatters one float per row into a ``[T, G]`` ref."""
+  tc.store(ref.at[t, g], value.astype(ref.dtype), mask=valid)
+
+
+def _dot(a, b):
+  # float32 inputs get ieee products (Triton would otherwise be free to pick tf32).
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return tc.dot(a, b, precision=precision)
+
+
+def attend(q, k_ref, v_ref, row_pos, kv_len, *, block_lo, n_full, n_end, block_k: int,
+           qk_scale: float, head_dim: int, causal: bool = True):
+  """Online softmax of ``q [M, Hp]`` over key blocks ``[block_lo, block_lo + n_end)``.
+
+  Blocks ``[block_lo, block_lo + n_full)`` must be visible to every row (no mask is applied);
+  the rest are masked by ``key < kv_len`` and, when causal, ``key <= row_pos``. Masked slots are
+  loaded as 0, so garbage (NaN) past ``kv_len`` never enters. Returns ``(acc, m, l)`` in float32,
+  ``m`` in the log2 domain (``-inf`` for rows that saw no key).
+  """
+  block_m, head_dim_p = q.shape
+  d = lax.broadcasted_iota(jnp.int32, (1, head_dim_p), 1)
+  head_mask = d < head_dim if head_dim != head_dim_p else None
+
+  def step(i, carry, masked):
+    acc, m_prev, l_prev = carry
+    start = i * block_k
+    key = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    mask = (key < kv_len)[:, None] if masked else None
+    if head_mask is not None:
+      mask = head_mask if mask is None else mask & head_mask
+    other = None if mask is None else 0.
+    k = tc.load(k_ref.at[pl.ds(start, block_k), :], mask=mask, other=other)
+    v = tc.load(v_ref.at[pl.ds(start, block_k), :], mask=mask, other=other)
+    s = _dot(q, k.T) * qk_scale
+    if masked:
+      visible = key[None, :] < kv_len
+      if causal:
+        visible = visible & (key[None, :] <= row_pos[:, None])
+      s = jnp.where(visible, s, -jnp.inf)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    # A row that has seen no visible key keeps m == -inf: shift by 0 there so that
+    # exp2(-inf - -inf) never makes a NaN. Unmasked blocks always hold a visible key.
+    m_safe = jnp.where(m_next == -jnp.inf, 0., m_next) if masked else m_next
+    alpha = jnp.exp2(m_prev - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    l_next = alpha * l_prev + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_next, l_next
+
+  carry = (jnp.zeros((block_m, head_dim_p), jnp.float32),
+           jnp.full((block_m,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_m,), jnp.float32))
+  carry = lax.fori_loop(block_lo, block_lo + n_full, functools.partial(step, masked=False), carry)
+  return lax.fori_loop(block_lo + n_full, block_lo + n_end, functools.partial(step, masked=True),
+                       carry)
+
+
+def finalize(acc, m, l):
+  """Normalised output (0 for rows with no key) and the log2-domain lse (``-inf`` there)."""
+  has_keys = l > 0
+  l_safe = jnp.where(has_keys, l, 1.)
+  return acc / l_safe[:, None], jnp.where(has_keys, m + jnp.log2(l_safe), -jnp.inf)
