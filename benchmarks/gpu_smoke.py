@@ -1,5 +1,5 @@
 """Quick GPU parity check of both kernels over a few shapes (prints max errors)."""
-import jax, jax.numpy as jnp, numpy as np
+import jax, jax.numpy as jnp
 from benchmarks import common
 common.quiet()
 import gqa_pallas as gp

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import sys
-import traceback
 
 import jax
 import jax.numpy as jnp

@@ -14,3 +14,26 @@ __all__ = [
     "rope_inv_freq",
     "rotate_half",
 ]
+
+# Llama/Qwen2/Mistral decoder, HF checkpoint loading and the jit generation loop.
+from flax_layers.checkpoint import UnsupportedCheckpointError, load_hf_checkpoint
+from flax_layers.decoder import (MLP, Decoder, DecoderBlock, DecoderConfig, RMSNorm, init_cache,
+                                 init_params, stack_layer_params, unstack_layer_params)
+from flax_layers.generation import generate, generate_with_cache, sample_logits
+
+__all__ += [
+    "MLP",
+    "Decoder",
+    "DecoderBlock",
+    "DecoderConfig",
+    "RMSNorm",
+    "UnsupportedCheckpointError",
+    "generate",
+    "generate_with_cache",
+    "init_cache",
+    "init_params",
+    "load_hf_checkpoint",
+    "sample_logits",
+    "stack_layer_params",
+    "unstack_layer_params",
+]

@@ -13,7 +13,6 @@ import functools
 import math
 
 import jax
-import jax.numpy as jnp
 
 from gqa_pallas import reference, validation
 from gqa_pallas.cache import KVCache

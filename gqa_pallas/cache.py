@@ -24,6 +24,23 @@ def _is_concrete(*xs) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
+def _check_fits(lengths, num_new, t_new, s_max) -> None:
+  """Outside ``jit``: a ``ValueError`` naming the first row (and layer) that cannot take its tokens."""
+  def where(idx):
+    return f"row {idx[-1]}" if len(idx) == 1 else f"layer {idx[0]} row {idx[1]}"
+  bad = (num_new < 0) | (num_new > t_new)
+  if np.any(bad):
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"num_new[{', '.join(map(str, idx))}] = {num_new[idx]} is outside "
+                     f"[0, T_new={t_new}] ({where(idx)}).")
+  over = lengths + num_new > s_max
+  if np.any(over):
+    idx = tuple(int(i) for i in np.argwhere(over)[0])
+    raise ValueError(
+        f"KV cache overflow: {where(idx)} holds {int(lengths[idx])} tokens and appends "
+        f"{int(num_new[idx])}, more than max_length={s_max}.")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -49,7 +66,8 @@ class KVCache:
       if not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"KVCache.init: {name} must be a positive int; got {value!r}.")
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in validation.SUPPORTED_DTYPES]:
-      raise TypeError(f"KVCache.init: dtype must be bfloat16, float16 or float32; got {dtype}.")
+      raise TypeError(
+          f"KVCache.init: dtype must be bfloat16, float16 or float32; got {jnp.dtype(dtype)}.")
     lead = () if num_layers is None else (num_layers,)
     shape = lead + (batch, max_length, num_kv_heads, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -91,9 +109,18 @@ class KVCache:
     place. A stacked cache takes ``[L, B, T_new, K, H]`` and ``num_new [B]`` or ``[L, B]``.
     """
     if self.num_layers is not None:
+      validation.check_rank("k_new", k_new, 5, "[L, B, T_new, K, H]")
       num_new_l = num_new
-      if num_new is not None and jnp.ndim(num_new) == 1:
+      if num_new is not None and jnp.ndim(num_new) <= 1:
         num_new_l = jnp.broadcast_to(jnp.asarray(num_new), self.lengths.shape)
+      # vmap traces the per-layer appends, so check here what the eager path checks per row.
+      if (num_new_l is not None and _is_concrete(num_new_l, self.lengths)
+          and jnp.issubdtype(jnp.asarray(num_new_l).dtype, jnp.integer)):
+        _check_fits(np.asarray(self.lengths), np.asarray(num_new_l), k_new.shape[2],
+                    self.max_length)
+      elif num_new_l is None and _is_concrete(self.lengths):
+        _check_fits(np.asarray(self.lengths), np.full(self.lengths.shape, k_new.shape[2]),
+                    k_new.shape[2], self.max_length)
       if num_new_l is None:
         return jax.vmap(lambda c, kn, vn: c.append(kn, vn))(self, k_new, v_new)
       return jax.vmap(lambda c, kn, vn, nn: c.append(kn, vn, nn))(self, k_new, v_new, num_new_l)
@@ -113,16 +140,7 @@ class KVCache:
     if num_new is None:
       num_new = jnp.full((b,), t_new, jnp.int32)
     if _is_concrete(num_new, self.lengths):
-      nn = np.asarray(num_new)
-      if np.any(nn < 0) or np.any(nn > t_new):
-        row = int(np.argmax((nn < 0) | (nn > t_new)))
-        raise ValueError(f"num_new[{row}] = {nn[row]} is outside [0, T_new={t_new}].")
-      total = np.asarray(self.lengths) + nn
-      if np.any(total > s_max):
-        row = int(np.argmax(total > s_max))
-        raise ValueError(
-            f"KV cache overflow: row {row} holds {int(np.asarray(self.lengths)[row])} tokens and "
-            f"appends {int(nn[row])}, more than max_length={s_max}.")
+      _check_fits(np.asarray(self.lengths), np.asarray(num_new), t_new, s_max)
     num_new = jnp.clip(num_new, 0, t_new)
     t = jnp.arange(t_new, dtype=jnp.int32)[None, :]
     pos = self.lengths[:, None] + t  # [B, T_new]

@@ -69,7 +69,7 @@ def attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
       scale, compute_dtype)
   mask = mask[:, None, None, :, :]
   logits = jnp.where(mask, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)  # initial: S == 0
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
   p = jnp.where(mask, jnp.exp(logits - row_max), 0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
