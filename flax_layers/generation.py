@@ -1,0 +1,268 @@
+"""A ``jax.jit``-compiled generation loop over ``Decoder`` with a functional KV cache.
+
+One prefill pass runs the right-padded prompts through the prefill kernel and writes every row's
+keys/values into the cache at the row's own offset; then a ``lax.while_loop`` runs one decode step
+per new token through the decode kernel, until every row has met an EOS token or
+``max_new_tokens``. Sampling: greedy (``temperature=0``), or temperature / top-k / top-p with an
+explicit PRNG key. The cache is donated, so the loop updates it in place; a second call with the
+same shapes and static options reuses the compiled program (no retrace).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_layers.decoder import Decoder, DecoderConfig, init_cache, _cache_lengths
+
+# Number of times the generation program was traced (tests use it to check for retracing).
+_TRACE_COUNT = [0]
+
+
+def trace_count() -> int:
+  """How many times the jitted generation loop has been traced in this process."""
+  return _TRACE_COUNT[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+
+def _filter_top_k(logits, top_k: int):
+  kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+  return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def _filter_top_p(logits, top_p):
+  """Keeps the smallest set of most likely tokens whose probability reaches ``top_p`` (HF's
+  ``TopPLogitsWarper``; the most likely token is always kept)."""
+  sorted_desc = -jnp.sort(-logits, axis=-1)
+  probs = jax.nn.softmax(sorted_desc, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+  keep = before < top_p
+  keep = keep.at[..., 0].set(True)
+  count = jnp.sum(keep, axis=-1, keepdims=True)
+  threshold = jnp.take_along_axis(sorted_desc, count - 1, axis=-1)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def _sample(logits, key, *, greedy: bool, temperature, top_k: Optional[int], use_top_p: bool,
+            top_p):
+  logits = logits.astype(jnp.float32)
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k is not None and top_k < logits.shape[-1]:
+    logits = _filter_top_k(logits, top_k)
+  if use_top_p:
+    logits = _filter_top_p(logits, top_p)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _check_sampling(rng, temperature, top_k, top_p):
+  if not isinstance(temperature, (int, float, np.floating, np.integer)) or temperature < 0:
+    raise ValueError(f"temperature must be a float >= 0 (0 is greedy); got {temperature!r}.")
+  greedy = float(temperature) == 0.0
+  if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
+    raise ValueError(f"top_k must be a positive int or None; got {top_k!r}.")
+  top_k = None if not top_k else int(top_k)
+  if top_p is not None and not (0.0 < float(top_p) <= 1.0):
+    raise ValueError(f"top_p must be in (0, 1] or None; got {top_p!r}.")
+  use_top_p = top_p is not None and float(top_p) < 1.0
+  if greedy:
+    top_k, use_top_p = None, False
+  elif rng is None:
+    raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: pass "
+                     "rng=jax.random.key(seed).")
+  return greedy, top_k, use_top_p
+
+
+def sample_logits(logits, rng=None, *, temperature: float = 0.0, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None):
+  """Samples one token per row from ``logits [B, V]``, as the generation loop does.
+
+  ``temperature=0`` is greedy (argmax); otherwise temperature, then top-k, then top-p filtering
+  (the order of HF's logits warpers), then a categorical draw with ``rng``.
+  """
+  greedy, top_k, use_top_p = _check_sampling(rng, temperature, top_k, top_p)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  return _sample(logits, rng, greedy=greedy, temperature=jnp.float32(temperature or 1.0),
+                 top_k=top_k, use_top_p=use_top_p, top_p=jnp.float32(top_p or 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# the jitted loop
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "max_new_tokens", "greedy", "top_k", "use_top_p",
+                     "implementation", "interpret", "precision"),
+    donate_argnames=("cache",))
+def _generate_jit(params, cache, prompt_tokens, prompt_lengths, rng, temperature, top_p, eos_ids,
+                  *, config, max_new_tokens, greedy, top_k, use_top_p, implementation, interpret,
+                  precision):
+  _TRACE_COUNT[0] += 1
+  model = Decoder(config, implementation=implementation, interpret=interpret, precision=precision)
+  b, t = prompt_tokens.shape
+  start = _cache_lengths(cache)
+  positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  logits, cache = model.apply({"params": params}, prompt_tokens, positions=positions, cache=cache,
+                              num_new=prompt_lengths, logits_index=prompt_lengths - 1)
+
+  # eos_ids: int32[E], -1 entries are unused (no EOS at all: [-1]), so that calls with and without
+  # an EOS share one compiled program.
+  fill = jnp.maximum(eos_ids[0], 0)
+
+  def pick(logits, step):
+    key = jax.random.fold_in(rng, step)
+    return _sample(logits, key, greedy=greedy, temperature=temperature, top_k=top_k,
+                   use_top_p=use_top_p, top_p=top_p)
+
+  def is_eos(tok):
+    return jnp.any((tok[:, None] == eos_ids[None, :]) & (eos_ids[None, :] >= 0), axis=-1)
+
+  tok = pick(logits, 0)
+  out = jnp.full((b, max_new_tokens), fill, jnp.int32).at[:, 0].set(tok)
+  done = is_eos(tok)
+  num = jnp.ones((b,), jnp.int32)
+  pos = start + prompt_lengths  # absolute position of `tok`
+  one = jnp.ones((b,), jnp.int32)
+
+  def cond(state):
+    step, _, _, _, _, done, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, tok, pos, cache, out, done, num = state
+    logits, cache = model.apply({"params": params}, tok[:, None], positions=pos[:, None],
+                                cache=cache, num_new=one)
+    new = pick(logits[:, 0], step)
+    new = jnp.where(done, fill, new)
+    out = jax.lax.dynamic_update_slice(out, new[:, None], (jnp.int32(0), step))
+    num = num + (~done).astype(jnp.int32)
+    done = done | is_eos(new)
+    return step + 1, new, pos + 1, cache, out, done, num
+
+  state = (jnp.int32(1), tok, pos, cache, out, done, num)
+  _, _, _, cache, out, _, num = jax.lax.while_loop(cond, body, state)
+  return out, num, cache
+
+
+def _as_eos_array(eos_token_id):
+  if eos_token_id is None:
+    return jnp.full((1,), -1, jnp.int32)
+  ids = np.atleast_1d(np.asarray(eos_token_id))
+  if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) or np.any(ids < 0):
+    raise ValueError(f"eos_token_id must be a non-negative int, a non-empty sequence of them or "
+                     f"None; got {eos_token_id!r}.")
+  return jnp.asarray(ids, jnp.int32)
+
+
+def _check_prompts(config: DecoderConfig, prompt_tokens, prompt_lengths, max_new_tokens):
+  prompt_tokens = jnp.asarray(prompt_tokens)
+  if prompt_tokens.ndim != 2 or not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
+    raise ValueError(f"prompt_tokens must be int32[B, T]; got {prompt_tokens.dtype}"
+                     f"{list(prompt_tokens.shape)}.")
+  b, t = prompt_tokens.shape
+  if prompt_lengths is None:
+    prompt_lengths = jnp.full((b,), t, jnp.int32)
+  prompt_lengths = jnp.asarray(prompt_lengths)
+  if prompt_lengths.shape != (b,) or not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
+    raise ValueError(f"prompt_lengths must be int32[{b}]; got {prompt_lengths.dtype}"
+                     f"{list(prompt_lengths.shape)}.")
+  if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}.")
+  if not isinstance(prompt_lengths, jax.core.Tracer):
+    lengths = np.asarray(prompt_lengths)
+    if np.any(lengths < 1) or np.any(lengths > t):
+      row = int(np.argmax((lengths < 1) | (lengths > t)))
+      raise ValueError(f"prompt_lengths[{row}] = {lengths[row]} is outside [1, T={t}].")
+  if not isinstance(prompt_tokens, jax.core.Tracer):
+    toks = np.asarray(prompt_tokens)
+    if toks.size and (toks.min() < 0 or toks.max() >= config.vocab_size):
+      raise ValueError(f"prompt_tokens must be in [0, vocab_size={config.vocab_size}); got "
+                       f"values in [{toks.min()}, {toks.max()}].")
+  return prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32)
+
+
+def generate_with_cache(config: DecoderConfig, params, cache, prompt_tokens, prompt_lengths,
+                        max_new_tokens: int, *, rng=None, temperature: float = 0.0,
+                        top_k: Optional[int] = None, top_p: Optional[float] = None,
+                        eos_token_id: Union[int, Sequence[int], None] = None,
+                        implementation: Optional[str] = None, interpret: bool = False,
+                        precision: Any = None):
+  """``generate`` over a caller-owned cache, which is **donated** and returned updated.
+
+  The prompts are appended after whatever each row of ``cache`` already holds (positions continue
+  from ``cache.lengths``), so a multi-turn conversation can keep its cache; ``cache.reset()``
+  empties it for reuse without reallocating. Returns ``(new_tokens, num_generated, cache)``.
+  """
+  prompt_tokens, prompt_lengths = _check_prompts(config, prompt_tokens, prompt_lengths,
+                                                 max_new_tokens)
+  greedy, top_k, use_top_p = _check_sampling(rng, temperature, top_k, top_p)
+  lengths = _cache_lengths(cache)
+  if not isinstance(lengths, jax.core.Tracer):
+    cache_len = (cache.max_length if hasattr(cache, "max_length") else cache[0].max_length)
+    need = np.asarray(lengths) + np.asarray(prompt_lengths) + max_new_tokens - 1
+    if np.any(need > cache_len):
+      row = int(np.argmax(need > cache_len))
+      raise ValueError(f"row {row} needs {int(need[row])} cache slots (held + prompt + "
+                       f"max_new_tokens - 1); the cache holds {cache_len}.")
+    config.check_sequence_length(int(need.max()))
+  if rng is None:
+    rng = jax.random.PRNGKey(0)
+  return _generate_jit(
+      params, cache, prompt_tokens, prompt_lengths, rng,
+      jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
+      _as_eos_array(eos_token_id), config=config, max_new_tokens=int(max_new_tokens),
+      greedy=greedy, top_k=top_k, use_top_p=use_top_p, implementation=implementation,
+      interpret=bool(interpret), precision=precision)
+
+
+def generate(config: DecoderConfig, params, prompt_tokens, prompt_lengths, max_new_tokens: int,
+             *, rng=None, temperature: float = 0.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, eos_token_id: Union[int, Sequence[int], None] = None,
+             implementation: Optional[str] = None, interpret: bool = False,
+             precision: Any = None, max_length: Optional[int] = None,
+             cache_dtype=None) -> Tuple[jax.Array, jax.Array]:
+  """Generates up to ``max_new_tokens`` tokens per row after right-padded prompts.
+
+  Args:
+    config, params: the model (``load_hf_checkpoint`` or ``init_params``).
+    prompt_tokens: ``int32[B, T]``, right-padded (row ``b``'s prompt is its first
+      ``prompt_lengths[b]`` tokens; the padding is ignored).
+    prompt_lengths: ``int32[B]``, each in ``[1, T]`` (``None``: all ``T``).
+    max_new_tokens: tokens to generate per row (static).
+    rng: a PRNG key, required when sampling.
+    temperature: 0 is greedy; otherwise logits are divided by it and sampled.
+    top_k: keep the ``top_k`` most likely tokens (static; None/0: off).
+    top_p: nucleus sampling threshold in ``(0, 1]`` (None/1: off).
+    eos_token_id: an id or a list of ids; a row stops after generating one.
+    implementation: attention backend (``None``: kernels on GPU, XLA on CPU; ``"triton"``; ``"xla"``).
+    interpret: run the Pallas kernels in interpret mode (CPU testing).
+    precision: matmul precision of the projections (``"highest"`` for float32 parity on GPU).
+    max_length: KV cache length (default ``T + max_new_tokens - 1``, what the loop needs).
+    cache_dtype: KV cache dtype (default: the compute dtype).
+
+  Returns:
+    ``(new_tokens int32[B, max_new_tokens], num_generated int32[B])``: positions past a row's stop
+    hold ``eos_token_id`` (its first id; 0 without one). ``num_generated`` counts the EOS token.
+  """
+  prompt_tokens, prompt_lengths = _check_prompts(config, prompt_tokens, prompt_lengths,
+                                                 max_new_tokens)
+  b, t = prompt_tokens.shape
+  needed = t + int(max_new_tokens) - 1
+  max_length = needed if max_length is None else int(max_length)
+  if max_length < needed:
+    raise ValueError(f"max_length={max_length} is shorter than T + max_new_tokens - 1 = {needed}.")
+  config.check_sequence_length(needed)
+  cache = init_cache(config, b, max_length, cache_dtype)
+  tokens, num, _ = generate_with_cache(
+      config, params, cache, prompt_tokens, prompt_lengths, max_new_tokens, rng=rng,
+      temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+      implementation=implementation, interpret=interpret, precision=precision)
+  return tokens, num
