@@ -43,11 +43,9 @@ PREFILL_SWEEP = {
           [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2),
            (64, 64, 4, 2)]],
 }
-DECODE_SWEEP = [decode_triton.DecodeConfig(*c) for c in
-                [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 4, 4), (128, 8, 3), (256, 4, 2),
-                 (256, 8, 3)]]
-DECODE_SWEEP += [dataclasses.replace(decode_triton.DecodeConfig(128, 4, 3), programs_per_sm=p)
-                 for p in (2, 8)]
+DECODE_SWEEP = [dataclasses.replace(decode_triton.DecodeConfig(bk, 4, st), programs_per_sm=p)
+                for bk in (64, 128) for st in (3, 4) for p in (1, 2, 3)]
+DECODE_SWEEP.append(decode_triton.DecodeConfig(128, 4, 4, num_splits=1))
 
 
 def _rand(key, shape, dtype=jnp.bfloat16):
@@ -168,7 +166,7 @@ def bench_decode(sweep: bool, iterations: int, copy_gbs: float):
     configs = DECODE_SWEEP if sweep else [decode_triton.default_config(h, jnp.bfloat16)]
     for cfg in configs:
       name = "ours" if not sweep else (f"ours[{cfg.block_k},{cfg.num_warps},{cfg.num_stages},"
-                                       f"{cfg.programs_per_sm}]")
+                                       f"{cfg.programs_per_sm},{cfg.num_splits}]")
       record(name, lambda q, c, cfg=cfg: decode_triton.decode_attention(
           q, c.k, c.v, c.lengths - t, c.lengths, scale=scale, config=cfg), q, cache)
     if sweep:

@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from gqa_pallas import _flash
@@ -109,18 +110,20 @@ def choose_splits(programs: int, max_length: int, config: DecodeConfig,
 
 
 def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
-                   block_m, block_k, split_len, head_dim, group_size, q_len):
+                   block_m, block_k, split_len, head_dim, group_size, q_len, direct):
   """One (split, row tile, kv head, batch row).
 
-  Refs: q ``[T, G, Hp]``; k/v ``[S_max, Hp]`` of this (b, kv head); o ``[T, G, Hp]`` and lse
-  ``[T, G]`` of this split (o normalised, lse in the log2 domain).
+  Refs: q ``[T, G, Hp]``; k/v ``[S_max, Hp]`` of this (b, kv head). With ``direct`` (one split)
+  o ``[T, G, Hp]`` and lse ``[T, G]`` are the final outputs; otherwise this split's partial o
+  ``[T*G, Hp]`` (normalised) and lse ``[T*G]`` (log2 domain) for ``_combine_kernel``.
   """
   split = pl.program_id(0)
   tile = pl.program_id(1)
   b = pl.program_id(3)
   q_offset = q_offset_ref[b]
   kv_len = lengths_ref[b]
-  t, g, valid = _flash.tile_rows(tile * block_m, block_m, group_size, q_len * group_size)
+  first_row = tile * block_m
+  t, g, valid = _flash.tile_rows(first_row, block_m, group_size, q_len * group_size)
   q = _flash.load_rows(q_ref, t, g, valid, head_dim)
 
   # This split's keys: [lo, hi) clipped to what the last query sees. Keys below
@@ -130,12 +133,44 @@ def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_re
   full_hi = jnp.minimum(hi, q_offset + 1)
   acc, m, l = _flash.attend(
       q, k_ref, v_ref, q_offset + t, kv_len, block_lo=lo // block_k,
-      n_full=jnp.maximum(full_hi - lo, 0) // block_k, n_end=pl.cdiv(jnp.maximum(hi - lo, 0),
-                                                                    block_k),
+      n_full=jnp.maximum(full_hi - lo, 0) // block_k,
+      n_end=pl.cdiv(jnp.maximum(hi - lo, 0), block_k),
       block_k=block_k, qk_scale=scale * _LOG2_E, head_dim=head_dim)
   out, lse2 = _flash.finalize(acc, m, l)
+  if direct:
+    _flash.store_rows(o_ref, out, t, g, valid, head_dim)
+    _flash.store_row_values(lse_ref, lse2 * _LN_2, t, g, valid)
+  else:
+    _flash.store_tile(o_ref, lse_ref, out, lse2, first_row, valid, head_dim)
+
+
+def _combine_kernel(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits, block_m, head_dim,
+                    group_size, q_len):
+  """Merges the splits of one (row tile, kv head, batch row) in float32.
+
+  Refs: o_part ``[splits, T*G, Hp]``, lse_part ``[splits, T*G]`` (log2); o ``[T, G, Hp]``,
+  lse ``[T, G]``. Empty splits carry lse ``-inf`` and weigh nothing; a row whose splits are all
+  empty stays 0 with lse ``-inf``.
+  """
+  first_row = pl.program_id(0) * block_m
+  t, g, valid = _flash.tile_rows(first_row, block_m, group_size, q_len * group_size)
+  head_dim_p = o_part_ref.shape[-1]
+
+  def merge(i, carry):
+    acc, m_prev, w_prev = carry
+    o_i, lse_i = _flash.load_tile(o_part_ref, lse_part_ref, i, first_row, valid, head_dim)
+    m_next = jnp.maximum(m_prev, lse_i)
+    m_safe = jnp.where(m_next == -jnp.inf, 0., m_next)
+    alpha = jnp.exp2(m_prev - m_safe)
+    w_i = jnp.exp2(lse_i - m_safe)
+    return acc * alpha[:, None] + o_i * w_i[:, None], m_next, w_prev * alpha + w_i
+
+  carry = (jnp.zeros((block_m, head_dim_p), jnp.float32),
+           jnp.full((block_m,), -jnp.inf, jnp.float32), jnp.zeros((block_m,), jnp.float32))
+  acc, m, w = lax.fori_loop(0, num_splits, merge, carry)
+  out, lse2 = _flash.finalize(acc, m, w)
   _flash.store_rows(o_ref, out, t, g, valid, head_dim)
-  _flash.store_row_values(lse_ref, lse2, t, g, valid)
+  _flash.store_row_values(lse_ref, lse2 * _LN_2, t, g, valid)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "return_lse", "interpret", "config"))
@@ -143,53 +178,62 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
   b, t, n, h = q.shape
   s_max, kh = k.shape[1], k.shape[2]
   g = n // kh
+  rows = t * g
   head_dim_p = padded_head_dim(h)
   block_m = tile_rows_for(t, g)
-  row_tiles = pl.cdiv(t * g, block_m)
+  row_tiles = pl.cdiv(rows, block_m)
   block_k = min(config.block_k, max(16, pl.next_power_of_2(s_max)))
   config = dataclasses.replace(config, block_k=block_k)
   splits, split_len = choose_splits(b * kh * row_tiles, s_max, config)
+  direct = splits == 1
   grid = (splits, row_tiles, kh, b)
   logger.debug("gqa decode launch: B=%d T=%d S_max=%d N=%d K=%d H=%d dtype=%s grid=%s "
                "split_len=%d block_m=%d block_k=%d num_warps=%d num_stages=%d", b, t, s_max, n,
                kh, h, q.dtype, grid, split_len, block_m, block_k, config.num_warps,
                config.num_stages)
   q5 = q.reshape(b, t, kh, g, h)  # free reshape, no copy
-  kernel = functools.partial(
-      _decode_kernel, scale=scale, block_m=block_m, block_k=block_k, split_len=split_len,
-      head_dim=h, group_size=g, q_len=t)
+  params = dict(block_m=block_m, head_dim=h, group_size=g, q_len=t)
   rows_spec = pl.BlockSpec((b,), lambda *_: (0,))
   q_spec = pl.BlockSpec((None, t, None, g, head_dim_p), lambda sp, j, kk, bb: (bb, 0, kk, 0, 0))
   kv_spec = pl.BlockSpec((None, s_max, None, head_dim_p), lambda sp, j, kk, bb: (bb, 0, kk, 0))
-  # One split's output goes straight into the final dtype; several are combined in float32.
-  part_dtype = q.dtype if splits == 1 else jnp.float32
-  out_shape = [jax.ShapeDtypeStruct((b, splits, t, kh, g, h), part_dtype),
-               jax.ShapeDtypeStruct((b, splits, t, kh, g), jnp.float32)]
-  out_specs = [
-      pl.BlockSpec((None, None, t, None, g, head_dim_p),
-                   lambda sp, j, kk, bb: (bb, sp, 0, kk, 0, 0)),
-      pl.BlockSpec((None, None, t, None, g), lambda sp, j, kk, bb: (bb, sp, 0, kk, 0)),
-  ]
-  o_part, lse_part = pl.pallas_call(
-      kernel, grid=grid, in_specs=[rows_spec, rows_spec, q_spec, kv_spec, kv_spec],
+  final_shape = [jax.ShapeDtypeStruct((b, t, kh, g, h), q.dtype),
+                 jax.ShapeDtypeStruct((b, t, kh, g), jnp.float32)]
+  if direct:
+    out_shape = final_shape
+    out_specs = [q_spec, pl.BlockSpec((None, t, None, g), lambda sp, j, kk, bb: (bb, 0, kk, 0))]
+  else:
+    out_shape = [jax.ShapeDtypeStruct((b, kh, splits, rows, h), jnp.float32),
+                 jax.ShapeDtypeStruct((b, kh, splits, rows), jnp.float32)]
+    out_specs = [
+        pl.BlockSpec((None, None, None, rows, head_dim_p),
+                     lambda sp, j, kk, bb: (bb, kk, sp, 0, 0)),
+        pl.BlockSpec((None, None, None, rows), lambda sp, j, kk, bb: (bb, kk, sp, 0)),
+    ]
+  outs = pl.pallas_call(
+      functools.partial(_decode_kernel, scale=scale, block_k=block_k, split_len=split_len,
+                        direct=direct, **params),
+      grid=grid, in_specs=[rows_spec, rows_spec, q_spec, kv_spec, kv_spec],
       out_specs=out_specs, out_shape=out_shape,
       compiler_params=tc.compiler_params(config.num_warps, config.num_stages),
       interpret=interpret, name="gqa_decode",
   )(q_offset, lengths, q5, k, v)
-  if splits == 1:
-    out, lse2 = o_part[:, 0], lse_part[:, 0]
-  else:
-    lse_max = jnp.max(lse_part, axis=1, keepdims=True)
-    lse_max_safe = jnp.where(jnp.isfinite(lse_max), lse_max, 0.)
-    w = jnp.exp2(lse_part - lse_max_safe)  # empty splits: exp2(-inf) = 0
-    w_sum = jnp.sum(w, axis=1)
-    out = jnp.sum(o_part * w[..., None], axis=1)
-    out = jnp.where(w_sum[..., None] > 0, out / jnp.where(w_sum > 0, w_sum, 1.)[..., None], 0.)
-    lse2 = jnp.where(w_sum > 0, lse_max[:, 0] + jnp.log2(jnp.where(w_sum > 0, w_sum, 1.)),
-                     -jnp.inf)
-  out = out.astype(q.dtype).reshape(b, t, n, h)
+  if not direct:
+    # A second small kernel merges the splits (one launch, float32).
+    outs = pl.pallas_call(
+        functools.partial(_combine_kernel, num_splits=splits, **params),
+        grid=(row_tiles, kh, b),
+        in_specs=[pl.BlockSpec((None, None, splits, rows, head_dim_p),
+                               lambda j, kk, bb: (bb, kk, 0, 0, 0)),
+                  pl.BlockSpec((None, None, splits, rows), lambda j, kk, bb: (bb, kk, 0, 0))],
+        out_specs=[pl.BlockSpec((None, t, None, g, head_dim_p), lambda j, kk, bb: (bb, 0, kk, 0, 0)),
+                   pl.BlockSpec((None, t, None, g), lambda j, kk, bb: (bb, 0, kk, 0))],
+        out_shape=final_shape,
+        compiler_params=tc.compiler_params(4, 1),
+        interpret=interpret, name="gqa_decode_combine",
+    )(*outs)
+  out = outs[0].reshape(b, t, n, h)
   if return_lse:
-    return out, (lse2 * _LN_2).reshape(b, t, n)
+    return out, outs[1].reshape(b, t, n)
   return out
 
 

@@ -48,25 +48,24 @@ class PrefillConfig:
   num_stages: int = 3
 
 
-# Tuning table: (padded head dim, dtype name) -> config. Chosen on an H100 (benchmarks/prefill
-# sweep); fp32 tiles are halved to fit shared memory with ieee dots.
-TUNING_TABLE: dict[tuple[int, str], PrefillConfig] = {
-    (16, "bfloat16"): PrefillConfig(128, 64, 4, 3),
-    (32, "bfloat16"): PrefillConfig(128, 64, 4, 3),
-    (64, "bfloat16"): PrefillConfig(128, 64, 4, 3),
-    (128, "bfloat16"): PrefillConfig(128, 64, 8, 3),
-    (256, "bfloat16"): PrefillConfig(64, 32, 8, 2),
-    (16, "float16"): PrefillConfig(128, 64, 4, 3),
-    (32, "float16"): PrefillConfig(128, 64, 4, 3),
-    (64, "float16"): PrefillConfig(128, 64, 4, 3),
-    (128, "float16"): PrefillConfig(128, 64, 8, 3),
-    (256, "float16"): PrefillConfig(64, 32, 8, 2),
+# Tuning table: (padded head dim, dtype name) -> config, from `python -m benchmarks.run --sweep`
+# on an H100 (benchmarks/results/*sweep*.json); fp32 tiles are halved to fit shared memory.
+TUNING_TABLE: dict[tuple[int, str], PrefillConfig] = {}
+for _dtype in ("bfloat16", "float16"):
+  TUNING_TABLE.update({
+      (16, _dtype): PrefillConfig(64, 64, 4, 3),
+      (32, _dtype): PrefillConfig(64, 64, 4, 3),
+      (64, _dtype): PrefillConfig(64, 64, 4, 3),     # H100 sweep: best on both 14:2 H64 shapes
+      (128, _dtype): PrefillConfig(128, 64, 4, 2),   # H100 sweep: best on all four H128 shapes
+      (256, _dtype): PrefillConfig(64, 32, 4, 2),
+  })
+TUNING_TABLE.update({
     (16, "float32"): PrefillConfig(64, 32, 4, 2),
     (32, "float32"): PrefillConfig(64, 32, 4, 2),
     (64, "float32"): PrefillConfig(64, 32, 4, 2),
-    (128, "float32"): PrefillConfig(64, 32, 8, 2),
-    (256, "float32"): PrefillConfig(32, 32, 8, 1),
-}
+    (128, "float32"): PrefillConfig(64, 32, 4, 2),
+    (256, "float32"): PrefillConfig(32, 32, 4, 1),
+})
 
 
 def padded_head_dim(head_dim: int) -> int:
