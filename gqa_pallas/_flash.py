@@ -44,18 +44,6 @@ def store_row_values(ref, value, t, g, valid):
   tc.store(ref.at[t, g], value.astype(ref.dtype), mask=valid)
 
 
-def load_tile(o_ref, lse_ref, split, first_row, valid, head_dim: int):
-  """Reads rows ``[first_row, first_row + block_m)`` of split ``split`` of a ``[splits, R, Hp]``
-  / ``[splits, R]`` ref pair (one indexer per load: Triton takes no chained views)."""
-  block_m = valid.shape[0]
-  head_dim_p = o_ref.shape[-1]
-  d = lax.broadcasted_iota(jnp.int32, (1, head_dim_p), 1)
-  rows = pl.ds(first_row, block_m)
-  o = tc.load(o_ref.at[split, rows, :], mask=valid[:, None] & (d < head_dim), other=0.)
-  lse = tc.load(lse_ref.at[split, rows], mask=valid, other=-jnp.inf)
-  return o, lse
-
-
 def store_tile(o_ref, lse_ref, o, lse, first_row, valid, head_dim: int):
   """Writes rows ``[first_row, first_row + block_m)`` of a ``[R, Hp]`` / ``[R]`` ref pair."""
   block_m = valid.shape[0]

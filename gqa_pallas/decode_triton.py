@@ -100,8 +100,9 @@ def choose_splits(programs: int, max_length: int, config: DecodeConfig,
     splits = config.num_splits
   else:
     sm_count = _sm_count() if sm_count is None else sm_count
-    target = sm_count * config.programs_per_sm
-    splits = pl.cdiv(target, programs)
+    # Round, not ceil: 128 programs on 132 SMs are better served by one split (no combine) than
+    # by two half-length ones.
+    splits = max(1, round(sm_count * config.programs_per_sm / programs))
     splits = min(splits, max(pl.cdiv(max_length, config.min_split_keys), 1))
   splits = max(1, min(splits, pl.cdiv(max_length, block_k)))
   split_len = pl.cdiv(pl.cdiv(max_length, splits), block_k) * block_k
@@ -144,31 +145,31 @@ def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_re
     _flash.store_tile(o_ref, lse_ref, out, lse2, first_row, valid, head_dim)
 
 
-def _combine_kernel(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits, block_m, head_dim,
-                    group_size, q_len):
-  """Merges the splits of one (row tile, kv head, batch row) in float32.
+def _combine_kernel(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits, block_rows,
+                    head_dim, group_size, q_len):
+  """Merges the splits of ``block_rows`` rows of one (kv head, batch row) in float32.
 
   Refs: o_part ``[splits, T*G, Hp]``, lse_part ``[splits, T*G]`` (log2); o ``[T, G, Hp]``,
-  lse ``[T, G]``. Empty splits carry lse ``-inf`` and weigh nothing; a row whose splits are all
-  empty stays 0 with lse ``-inf``.
+  lse ``[T, G]``. All splits are loaded at once (one round trip, no serial loop). Empty splits
+  carry lse ``-inf`` and weigh nothing; a row whose splits are all empty gives 0 and ``-inf``.
   """
-  first_row = pl.program_id(0) * block_m
-  t, g, valid = _flash.tile_rows(first_row, block_m, group_size, q_len * group_size)
+  first_row = pl.program_id(0) * block_rows
+  splits_p = pl.next_power_of_2(num_splits)
   head_dim_p = o_part_ref.shape[-1]
-
-  def merge(i, carry):
-    acc, m_prev, w_prev = carry
-    o_i, lse_i = _flash.load_tile(o_part_ref, lse_part_ref, i, first_row, valid, head_dim)
-    m_next = jnp.maximum(m_prev, lse_i)
-    m_safe = jnp.where(m_next == -jnp.inf, 0., m_next)
-    alpha = jnp.exp2(m_prev - m_safe)
-    w_i = jnp.exp2(lse_i - m_safe)
-    return acc * alpha[:, None] + o_i * w_i[:, None], m_next, w_prev * alpha + w_i
-
-  carry = (jnp.zeros((block_m, head_dim_p), jnp.float32),
-           jnp.full((block_m,), -jnp.inf, jnp.float32), jnp.zeros((block_m,), jnp.float32))
-  acc, m, w = lax.fori_loop(0, num_splits, merge, carry)
-  out, lse2 = _flash.finalize(acc, m, w)
+  t, g, valid = _flash.tile_rows(first_row, block_rows, group_size, q_len * group_size)
+  split = lax.broadcasted_iota(jnp.int32, (splits_p, block_rows), 0)
+  mask2 = (split < num_splits) & valid[None, :]
+  lse = tc.load(lse_part_ref.at[pl.ds(0, splits_p), pl.ds(first_row, block_rows)], mask=mask2,
+                other=-jnp.inf)
+  d = lax.broadcasted_iota(jnp.int32, (1, 1, head_dim_p), 2)
+  o = tc.load(o_part_ref.at[pl.ds(0, splits_p), pl.ds(first_row, block_rows), :],
+              mask=mask2[:, :, None] & (d < head_dim), other=0.)
+  m = jnp.max(lse, axis=0)
+  m_safe = jnp.where(m == -jnp.inf, 0., m)
+  w = jnp.exp2(lse - m_safe[None, :])  # [splits_p, rows]; exp2(-inf) = 0 for empty splits
+  w_sum = jnp.sum(w, axis=0)
+  acc = jnp.sum(o * w[:, :, None], axis=0)
+  out, lse2 = _flash.finalize(acc, m_safe, w_sum)
   _flash.store_rows(o_ref, out, t, g, valid, head_dim)
   _flash.store_row_values(lse_ref, lse2 * _LN_2, t, g, valid)
 
@@ -219,9 +220,14 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
   )(q_offset, lengths, q5, k, v)
   if not direct:
     # A second small kernel merges the splits (one launch, float32).
+    # Rows per combine program: all splits of a row tile are loaded at once, so keep the tile
+    # at most ~8k floats.
+    combine_rows = max(1, min(pl.next_power_of_2(rows),
+                              8192 // (pl.next_power_of_2(splits) * head_dim_p)))
     outs = pl.pallas_call(
-        functools.partial(_combine_kernel, num_splits=splits, **params),
-        grid=(row_tiles, kh, b),
+        functools.partial(_combine_kernel, num_splits=splits, block_rows=combine_rows,
+                          head_dim=h, group_size=g, q_len=t),
+        grid=(pl.cdiv(rows, combine_rows), kh, b),
         in_specs=[pl.BlockSpec((None, None, splits, rows, head_dim_p),
                                lambda j, kk, bb: (bb, kk, 0, 0, 0)),
                   pl.BlockSpec((None, None, splits, rows), lambda j, kk, bb: (bb, kk, 0, 0))],
