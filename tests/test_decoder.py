@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import flax_layers
 from flax_layers import (Decoder, DecoderConfig, UnsupportedCheckpointError, generate,
                          generate_with_cache, init_cache, init_params, load_hf_checkpoint,
                          sample_logits, stack_layer_params, unstack_layer_params)
