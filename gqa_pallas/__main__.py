@@ -301,7 +301,10 @@ def _backend_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="gqa-pallas", description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+      prog="gqa-pallas",
+      description="Grouped-query attention Pallas kernels: a demo of the kernels and of a small "
+      "model, and generation from Hugging Face Llama / Qwen2 / Mistral checkpoints.")
   sub = parser.add_subparsers(dest="command")
 
   d = sub.add_parser("demo", help="kernels vs reference, then a small model generating")
