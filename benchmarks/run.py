@@ -44,7 +44,7 @@ PREFILL_SWEEP = {
            (64, 64, 4, 2)]],
 }
 DECODE_SWEEP = [dataclasses.replace(decode_triton.DecodeConfig(bk, 4, st), programs_per_sm=p)
-                for bk in (64, 128) for st in (3, 4) for p in (1, 2, 4)]
+                for bk in (64, 128) for st in (3, 4) for p in (1, 2, 4, 8) if st == 3 or p == 4]
 
 
 def _rand(key, shape, dtype=jnp.bfloat16):

@@ -93,8 +93,12 @@ def tile_rows_for(q_len: int, group_size: int) -> int:
 
 
 def choose_splits(programs: int, max_length: int, config: DecodeConfig,
-                  sm_count: int | None = None) -> tuple[int, int]:
-  """``(num_splits, split_len)`` with ``split_len`` a multiple of ``block_k``."""
+                  sm_count: int | None = None) -> int:
+  """The number of sequence splits per (row, kv head, row tile).
+
+  Each row divides its own visible keys evenly over the splits (in the kernel), so a short row's
+  programs finish early and the block scheduler refills the SMs: ragged batches stay balanced.
+  """
   block_k = config.block_k
   if config.num_splits is not None:
     splits = config.num_splits
@@ -105,13 +109,11 @@ def choose_splits(programs: int, max_length: int, config: DecodeConfig,
     splits = max(1, round(sm_count * config.programs_per_sm / programs))
     splits = min(splits, max(pl.cdiv(max_length, config.min_split_keys), 1))
   splits = max(1, min(splits, pl.cdiv(max_length, block_k)))
-  split_len = pl.cdiv(pl.cdiv(max_length, splits), block_k) * block_k
-  splits = pl.cdiv(max_length, split_len)
-  return splits, split_len
+  return splits
 
 
 def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
-                   block_m, block_k, split_len, head_dim, group_size, q_len, direct):
+                   block_m, block_k, num_splits, head_dim, group_size, q_len, direct):
   """One (split, row tile, kv head, batch row).
 
   Refs: q ``[T, G, Hp]``; k/v ``[S_max, Hp]`` of this (b, kv head). With ``direct`` (one split)
@@ -127,10 +129,13 @@ def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_re
   t, g, valid = _flash.tile_rows(first_row, block_m, group_size, q_len * group_size)
   q = _flash.load_rows(q_ref, t, g, valid, head_dim)
 
-  # This split's keys: [lo, hi) clipped to what the last query sees. Keys below
-  # min(kv_len, q_offset + 1) are visible to every query; only the last T keys need the mask.
+  # The row's visible keys [0, end) are divided evenly (in whole blocks) over the splits; this
+  # split takes [lo, hi). Keys below q_offset + 1 are visible to every query; only the last T
+  # keys need the causal mask.
+  end = jnp.maximum(jnp.minimum(kv_len, q_offset + q_len), 0)
+  split_len = pl.cdiv(pl.cdiv(end, num_splits), block_k) * block_k
   lo = split * split_len
-  hi = jnp.minimum(lo + split_len, jnp.minimum(kv_len, q_offset + q_len))
+  hi = jnp.minimum(lo + split_len, end)
   full_hi = jnp.minimum(hi, q_offset + 1)
   acc, m, l = _flash.attend(
       q, k_ref, v_ref, q_offset + t, kv_len, block_lo=lo // block_k,
@@ -185,12 +190,12 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
   row_tiles = pl.cdiv(rows, block_m)
   block_k = min(config.block_k, max(16, pl.next_power_of_2(s_max)))
   config = dataclasses.replace(config, block_k=block_k)
-  splits, split_len = choose_splits(b * kh * row_tiles, s_max, config)
+  splits = choose_splits(b * kh * row_tiles, s_max, config)
   direct = splits == 1
   grid = (splits, row_tiles, kh, b)
   logger.debug("gqa decode launch: B=%d T=%d S_max=%d N=%d K=%d H=%d dtype=%s grid=%s "
-               "split_len=%d block_m=%d block_k=%d num_warps=%d num_stages=%d", b, t, s_max, n,
-               kh, h, q.dtype, grid, split_len, block_m, block_k, config.num_warps,
+               "block_m=%d block_k=%d num_warps=%d num_stages=%d", b, t, s_max, n,
+               kh, h, q.dtype, grid, block_m, block_k, config.num_warps,
                config.num_stages)
   q5 = q.reshape(b, t, kh, g, h)  # free reshape, no copy
   params = dict(block_m=block_m, head_dim=h, group_size=g, q_len=t)
@@ -211,7 +216,7 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
         pl.BlockSpec((None, None, None, rows), lambda sp, j, kk, bb: (bb, kk, sp, 0)),
     ]
   outs = pl.pallas_call(
-      functools.partial(_decode_kernel, scale=scale, block_k=block_k, split_len=split_len,
+      functools.partial(_decode_kernel, scale=scale, block_k=block_k, num_splits=splits,
                         direct=direct, **params),
       grid=grid, in_specs=[rows_spec, rows_spec, q_spec, kv_spec, kv_spec],
       out_specs=out_specs, out_shape=out_shape,
