@@ -586,3 +586,48 @@ def test_attention_fn_kernel_interpret_in_nnx_mha():
                                    attention_fn=fn, rngs=nnx.Rngs(0))
   assert_f32_close(nnx.jit(lambda mod, x: mod(x, is_causal=True))(our_mod, x),
                    ref_mod(x, is_causal=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Routing: which entry point each mode reaches.
+# --------------------------------------------------------------------------------------------
+
+
+def test_routing(monkeypatch):
+  import gqa_pallas.api as api  # pylint: disable=g-import-not-at-top
+  calls = []
+  for name in ("gqa_attention", "gqa_decode"):
+    real = getattr(api, name)
+    monkeypatch.setattr(api, name, functools.partial(
+        lambda real, name, *a, **kw: (calls.append((name, kw)), real(*a, **kw))[1], real, name))
+  b, t, d, n, k = 2, 6, 32, 4, 2
+  x = _rand(0, (b, t, d))
+  m = GQAAttention(num_heads=n, num_kv_heads=k, is_causal=True, implementation="xla")
+  params = m.init(jax.random.key(0), x)
+
+  def route(fn):
+    calls.clear()
+    fn()
+    return [(name, kw.get("causal"), kw.get("q_offset") is not None) for name, kw in calls]
+
+  assert route(lambda: m.apply(params, x)) == [("gqa_attention", True, False)]
+  assert route(lambda: m.clone(is_causal=False).apply(params, x)) == [
+      ("gqa_attention", False, False)]
+  assert route(lambda: m.apply(params, x, mask=jnp.ones((b, 1, t, t), bool))) == []
+  assert route(lambda: m.clone(dropout_rate=0.1).apply(
+      params, x, deterministic=False, rngs={"dropout": jax.random.key(1)})) == []
+  assert route(lambda: m.clone(dropout_rate=0.1).apply(params, x, deterministic=True)) == [
+      ("gqa_attention", True, False)]
+  assert route(lambda: m.apply(params, x, sow_weights=True, mutable=["intermediates"])) == []
+  cache = KVCache.init(b, 40, k, d // n, jnp.float32)
+  assert route(lambda: m.apply(params, x[:, :1], cache=cache)) == [("gqa_decode", None, True)]
+  assert route(lambda: m.apply(params, x[:, :1].repeat(16, 1), cache=cache)) == [
+      ("gqa_decode", None, True)]
+  assert route(lambda: m.apply(params, x[:, :1].repeat(17, 1), cache=cache)) == [
+      ("gqa_attention", True, True)]
+  # attention_fn: the kernel for no mask / is_causal (top-left: q_offset 0), XLA with a mask.
+  q = _rand(1, (b, t, n, 8))
+  kv = _rand(2, (b, t, k, 8))
+  assert route(lambda: gqa_dot_product_attention(q, kv, kv, is_causal=True)) == [
+      ("gqa_attention", True, True)]
+  assert route(lambda: gqa_dot_product_attention(q, kv, kv, mask=jnp.ones((t, t)))) == []

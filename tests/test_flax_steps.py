@@ -208,11 +208,21 @@ def test_bfloat16_decode_parity(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_every_implementation_agrees_with_reference(impl):
+def test_every_implementation_agrees_with_reference(impl, monkeypatch):
   implementation, interpret = impl
+  kernel_calls = []
+  if implementation == "triton":  # check that the kernels themselves run, not a fallback
+    import gqa_pallas.decode_triton as dec  # pylint: disable=g-import-not-at-top
+    import gqa_pallas.prefill_triton as pre  # pylint: disable=g-import-not-at-top
+    for mod, name in ((pre, "prefill_attention"), (dec, "decode_attention")):
+      real = getattr(mod, name)
+      monkeypatch.setattr(mod, name, functools.partial(
+          lambda real, name, *a, **kw: (kernel_calls.append(name), real(*a, **kw))[1], real,
+          name))
   t = 24
   layer, params, x = make_layer(implementation, interpret, seq=t)
   ref = full_forward(layer, params, x)
+  kernel_calls.clear()
   # Plain call (prefill kernel, causal without a mask).
   assert_f32_close(jax.jit(layer.apply)(params, x), ref)
   # A 17-token chunk (> 16: gqa_attention over the cache), then 3 + 4 tokens (gqa_decode).
@@ -223,6 +233,9 @@ def test_every_implementation_agrees_with_reference(impl):
     y, cache = step(params, x[:, lo:hi], cache, None)
     ys.append(y)
   assert_f32_close(jnp.concatenate(ys, 1), ref)
+  if implementation == "triton":
+    assert kernel_calls == ["prefill_attention", "prefill_attention", "decode_attention",
+                            "decode_attention"], kernel_calls
 
 
 # --------------------------------------------------------------------------------------------
