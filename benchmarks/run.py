@@ -8,7 +8,6 @@ CUPTI medians (``benchmarks.common.measure_ms``); every row of one file comes fr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
@@ -43,8 +42,15 @@ PREFILL_SWEEP = {
           [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2),
            (64, 64, 4, 2)]],
 }
-DECODE_SWEEP = [dataclasses.replace(decode_triton.DecodeConfig(bk, 4, st), programs_per_sm=p)
-                for bk in (64, 128) for st in (3, 4) for p in (1, 2, 4, 8) if st == 3 or p == 4]
+# Only the split path is swept (the single-split path is fixed by the tuning table).
+DECODE_SWEEP = [decode_triton.DecodeConfig(bk, w, st, programs_per_sm=p, min_split_keys=mk,
+                                           single_split_max_length=0)
+                for (bk, w, st, p, mk) in [
+                    (64, 4, 3, 2, 256), (64, 4, 3, 4, 256), (64, 4, 4, 4, 256),
+                    (64, 4, 5, 4, 256), (64, 8, 3, 4, 256), (64, 2, 3, 4, 256),
+                    (32, 4, 4, 4, 128), (32, 4, 6, 8, 128), (32, 2, 4, 8, 128),
+                    (64, 4, 3, 8, 128), (128, 4, 2, 4, 256), (128, 8, 3, 2, 256),
+                    (64, 4, 4, 8, 128), (32, 4, 4, 16, 64)]]
 
 
 def _rand(key, shape, dtype=jnp.bfloat16):
@@ -138,7 +144,7 @@ def bench_prefill(sweep: bool, iterations: int):
   return rows
 
 
-def bench_decode(sweep: bool, iterations: int, copy_gbs: float):
+def bench_decode(sweep: bool, iterations: int, copy_gbs: float, grid=None):
   from jax.experimental.pallas.ops.gpu import decode_attention as pl_decode  # pylint: disable=g-import-not-at-top
   rows = []
 
@@ -165,7 +171,7 @@ def bench_decode(sweep: bool, iterations: int, copy_gbs: float):
     configs = DECODE_SWEEP if sweep else [decode_triton.default_config(h, jnp.bfloat16)]
     for cfg in configs:
       name = "ours" if not sweep else (f"ours[{cfg.block_k},{cfg.num_warps},{cfg.num_stages},"
-                                       f"{cfg.programs_per_sm},{cfg.num_splits}]")
+                                       f"{cfg.programs_per_sm},{cfg.min_split_keys}]")
       record(name, lambda q, c, cfg=cfg: decode_triton.decode_attention(
           q, c.k, c.v, c.lengths - t, c.lengths, scale=scale, config=cfg), q, cache)
     if sweep:
@@ -196,8 +202,10 @@ def bench_decode(sweep: bool, iterations: int, copy_gbs: float):
           f"  err {row['rel_err_vs_f32_ref']:.2e}", flush=True)
     return row
 
-  for (b, s, n, kh, h) in DECODE_GRID:
+  for (b, s, n, kh, h) in (grid or DECODE_GRID):
     run_case(b, s, n, kh, h, np.full((b,), s))
+  if grid:
+    return rows
   # Ragged lengths against the full cache, and T = 4.
   b, s, n, kh, h = 16, 8192, 32, 8, 128
   rng = np.random.default_rng(0)
@@ -220,6 +228,8 @@ def main(argv=None):
   parser.add_argument("--sweep", action="store_true", help="time several kernel configs")
   parser.add_argument("--iterations", type=int, default=30)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--decode-shapes", default=None,
+                      help="only these decode grid shapes, e.g. '16,4096,14,2,64;16,2048,8,8,64'")
   args = parser.parse_args(argv)
   info = common.device_info()
   if info["platform"] != "gpu":
@@ -233,7 +243,10 @@ def main(argv=None):
   if args.only in (None, "prefill"):
     result["rows"] += bench_prefill(args.sweep, args.iterations)
   if args.only in (None, "decode"):
-    result["rows"] += bench_decode(args.sweep, args.iterations, result["copy_gbs"])
+    grid = None
+    if args.decode_shapes:
+      grid = [tuple(int(x) for x in shape.split(",")) for shape in args.decode_shapes.split(";")]
+    result["rows"] += bench_decode(args.sweep, args.iterations, result["copy_gbs"], grid)
   name = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
   out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

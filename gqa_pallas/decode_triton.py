@@ -40,37 +40,35 @@ class DecodeConfig:
   """Static launch configuration.
 
   Attributes:
-    block_k: keys per K/V tile.
+    block_k: keys per K/V tile when the sequence is split.
     num_warps, num_stages: Triton launch parameters.
     num_splits: sequence splits per (row, kv head); ``None`` picks from the shape and SM count.
-    programs_per_sm: target number of resident programs per SM for the split heuristic.
+    programs_per_sm: programs per SM that the split heuristic aims for.
     min_split_keys: a split is never shorter than this (keeps per-program overhead small).
+    single_split_max_length: with at least ~one program per SM unsplit, caches up to this long
+      are not split (no combine pass); longer ones still are, so ragged batches stay balanced.
+    single_split_block_k: keys per tile for unsplit launches (long loops favour wider tiles).
   """
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 3
   num_splits: int | None = None
-  programs_per_sm: int = 4
+  programs_per_sm: int = 2
   min_split_keys: int = 256
+  single_split_max_length: int = 4096
+  single_split_block_k: int = 128
 
 
-TUNING_TABLE: dict[tuple[int, str], DecodeConfig] = {
-    (16, "bfloat16"): DecodeConfig(128, 4, 3),
-    (32, "bfloat16"): DecodeConfig(128, 4, 3),
-    (64, "bfloat16"): DecodeConfig(128, 4, 3),
-    (128, "bfloat16"): DecodeConfig(64, 4, 3),
-    (256, "bfloat16"): DecodeConfig(32, 4, 3),
-    (16, "float16"): DecodeConfig(128, 4, 3),
-    (32, "float16"): DecodeConfig(128, 4, 3),
-    (64, "float16"): DecodeConfig(128, 4, 3),
-    (128, "float16"): DecodeConfig(64, 4, 3),
-    (256, "float16"): DecodeConfig(32, 4, 3),
-    (16, "float32"): DecodeConfig(64, 4, 2),
-    (32, "float32"): DecodeConfig(64, 4, 2),
-    (64, "float32"): DecodeConfig(64, 4, 2),
-    (128, "float32"): DecodeConfig(32, 4, 2),
-    (256, "float32"): DecodeConfig(16, 4, 2),
-}
+# From `python -m benchmarks.run --only decode --sweep` on an H100 (see docs/benchmarks.md).
+TUNING_TABLE: dict[tuple[int, str], DecodeConfig] = {}
+for _dtype in ("bfloat16", "float16"):
+  for _h in (16, 32, 64, 128):
+    TUNING_TABLE[(_h, _dtype)] = DecodeConfig()
+  TUNING_TABLE[(256, _dtype)] = DecodeConfig(block_k=32, single_split_block_k=64)
+for _h in (16, 32, 64):
+  TUNING_TABLE[(_h, "float32")] = DecodeConfig(block_k=64, num_stages=2, single_split_block_k=64)
+TUNING_TABLE[(128, "float32")] = DecodeConfig(block_k=32, num_stages=2, single_split_block_k=32)
+TUNING_TABLE[(256, "float32")] = DecodeConfig(block_k=16, num_stages=2, single_split_block_k=16)
 
 
 def default_config(head_dim: int, dtype) -> DecodeConfig:
@@ -99,17 +97,16 @@ def choose_splits(programs: int, max_length: int, config: DecodeConfig,
   Each row divides its own visible keys evenly over the splits (in the kernel), so a short row's
   programs finish early and the block scheduler refills the SMs: ragged batches stay balanced.
   """
-  block_k = config.block_k
   if config.num_splits is not None:
     splits = config.num_splits
   else:
     sm_count = _sm_count() if sm_count is None else sm_count
-    # Round, not ceil: 128 programs on 132 SMs are better served by one split (no combine) than
-    # by two half-length ones.
-    splits = max(1, round(sm_count * config.programs_per_sm / programs))
-    splits = min(splits, max(pl.cdiv(max_length, config.min_split_keys), 1))
-  splits = max(1, min(splits, pl.cdiv(max_length, block_k)))
-  return splits
+    if programs >= 0.9 * sm_count and max_length <= config.single_split_max_length:
+      splits = 1
+    else:
+      splits = max(1, round(sm_count * config.programs_per_sm / programs))
+      splits = min(splits, max(pl.cdiv(max_length, config.min_split_keys), 1))
+  return max(1, min(splits, pl.cdiv(max_length, config.block_k)))
 
 
 def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
@@ -188,10 +185,10 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
   head_dim_p = padded_head_dim(h)
   block_m = tile_rows_for(t, g)
   row_tiles = pl.cdiv(rows, block_m)
-  block_k = min(config.block_k, max(16, pl.next_power_of_2(s_max)))
-  config = dataclasses.replace(config, block_k=block_k)
   splits = choose_splits(b * kh * row_tiles, s_max, config)
   direct = splits == 1
+  block_k = config.single_split_block_k if direct else config.block_k
+  block_k = min(block_k, max(16, pl.next_power_of_2(s_max)))
   grid = (splits, row_tiles, kh, b)
   logger.debug("gqa decode launch: B=%d T=%d S_max=%d N=%d K=%d H=%d dtype=%s grid=%s "
                "block_m=%d block_k=%d num_warps=%d num_stages=%d", b, t, s_max, n,

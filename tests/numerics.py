@@ -26,3 +26,38 @@ def assert_parity(out, ref32, ref_d, *, factor=2.0, name="output"):
   if err.size:
     assert err.mean() <= 1.5 * err_d.mean() + 1e-6, (
         f"{name}: mean error {err.mean():.3e} > 1.5 * {err_d.mean():.3e}")
+
+
+def random_qkv(seed, b, t, s, n, k, h, dtype, kv_lengths=None, poison=True):
+  """Fresh random q ``[B,T,N,H]``, k/v ``[B,S,K,H]``; slots past ``kv_lengths`` hold NaN."""
+  import jax  # pylint: disable=g-import-not-at-top
+  ks = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(ks[0], (b, t, n, h), jnp.float32).astype(dtype)
+  kk = jax.random.normal(ks[1], (b, s, k, h), jnp.float32).astype(dtype)
+  v = jax.random.normal(ks[2], (b, s, k, h), jnp.float32).astype(dtype)
+  if poison and kv_lengths is not None:
+    valid = (jnp.arange(s)[None, :] < jnp.asarray(kv_lengths)[:, None])[:, :, None, None]
+    kk = jnp.where(valid, kk, jnp.nan)
+    v = jnp.where(valid, v, jnp.nan)
+  return q, kk, v
+
+
+def check_against_reference(out, lse, q, k, v, *, factor, **kwargs):
+  """Design rule against the float32 reference and the in-dtype reference; lse too."""
+  from gqa_pallas import attention_reference  # pylint: disable=g-import-not-at-top
+  r32, lse32 = attention_reference(q, k, v, return_lse=True, **kwargs)
+  r_d = attention_reference(q, k, v, compute_dtype=q.dtype, **kwargs) if q.dtype != jnp.float32 \
+      else r32
+  assert out.dtype == q.dtype and out.shape == q.shape
+  assert_parity(out, r32, r_d, factor=factor)
+  if lse is not None:
+    lse, lse32 = np.asarray(lse), np.asarray(lse32)
+    assert lse.shape == lse32.shape and lse.dtype == np.float32
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse32))
+    finite = np.isfinite(lse32)
+    assert np.all(np.isfinite(lse[finite]))
+    np.testing.assert_allclose(lse[finite], lse32[finite], rtol=1e-5, atol=2e-5)
+  # Rows that see no key are exactly 0.
+  empty = np.isneginf(np.asarray(lse32))
+  o = np.asarray(jnp.asarray(out, jnp.float32))
+  assert np.all(o[empty] == 0)
