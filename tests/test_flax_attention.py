@@ -285,7 +285,8 @@ def test_sow_weights_like_flax():
 def test_extra_batch_dims_and_unbatched():
   d, n, k, t = 16, 4, 2, 6
   x = _rand(_rng().integers(1 << 30), (2, 3, t, d))
-  m = GQAAttention(num_heads=n, num_kv_heads=k, is_causal=True, implementation="xla")
+  m = GQAAttention(num_heads=n, num_kv_heads=k, is_causal=True, precision=HIGHEST,
+                   implementation="xla")
   params = m.init(jax.random.key(8), x)
   y = m.apply(params, x)
   chex.assert_shape(y, (2, 3, t, d))
@@ -475,6 +476,26 @@ def test_nnx_twin_decode_equals_full(chunk):
   np.testing.assert_array_equal(m.cache_index[...], [t, t])
   with pytest.raises(ValueError, match="not both"):
     m(x[:, :1], cache=cache, decode=True)
+
+
+def test_nnx_view_allocates_cache():
+  b, t, d = 2, 5, 32
+  m = GQAAttentionNNX(4, d, num_kv_heads=2, is_causal=True, precision=HIGHEST,
+                      implementation="xla", rngs=nnx.Rngs(0))
+  x = _rand(_rng().integers(1 << 30), (b, t, d))
+  full = m(x)
+  view = nnx.view(m, decode=True, batch_size=b, max_length=8)
+  chex.assert_shape(view.cached_key[...], (b, 8, 2, 8))
+  assert_f32_close(jnp.concatenate([view(x[:, i:i + 1]) for i in range(t)], 1), full)
+
+
+def test_inputs_kv_is_deprecated_but_works():
+  x = _rand(0, (2, 5, 16))
+  m = GQAAttention(num_heads=2, precision=HIGHEST, implementation="xla")
+  params = m.init(jax.random.key(0), x)
+  with pytest.warns(DeprecationWarning, match="inputs_kv"):
+    y = m.apply(params, x, inputs_kv=x)
+  assert_f32_close(y, m.apply(params, x))
 
 
 def test_nnx_twin_needs_init_cache():

@@ -188,7 +188,8 @@ def test_overflow_inside_jit_is_flagged_not_spilled():
   chex.assert_tree_all_finite(y)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + [
+    pytest.param(("triton", False), id="triton-gpu", marks=pytest.mark.gpu)])
 def test_bfloat16_decode_parity(impl):
   implementation, interpret = impl
   t = 10
@@ -299,3 +300,31 @@ def test_nnx_decode_under_jit_and_functional_scan():
   y, cache = generate(state, x, KVCache.init(B, t, K, H, jnp.float32))
   assert_f32_close(y, ref)
   np.testing.assert_array_equal(cache.lengths, [t, t])
+
+
+# --------------------------------------------------------------------------------------------
+# The real CUDA lowering of the layer's steps, on the CPU (design.md: interpret mode skips it).
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not _has_kernels(), reason="Pallas kernel modules not present")
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_layer_steps_lower_for_cuda(dtype):
+  """Plain call, its gradient, and cached steps (1, 4 and 20 new tokens) lower to Triton kernels
+  for CUDA, with the cache donated."""
+  b, d, s = 2, 256, 64  # head_dim 64
+  layer = GQAAttention(num_heads=4, num_kv_heads=2, rope_theta=1e4, is_causal=True, dtype=dtype,
+                       implementation="triton")
+  x = jax.ShapeDtypeStruct((b, 8, d), jnp.float32)
+  params = jax.eval_shape(layer.clone(implementation="xla").init, jax.random.key(0), x)
+  lower = lambda f, *args: f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  n_kernels = lambda text: text.count("xla.gpu.triton")
+  assert n_kernels(lower(jax.jit(layer.apply), params, x)) == 1
+  loss = lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32))
+  assert n_kernels(lower(jax.jit(jax.grad(loss)), params, x)) >= 1  # forward kernel + backward
+  cache = jax.eval_shape(lambda: KVCache.init(b, s, 2, 64, dtype))
+  step = jax.jit(lambda p, x, c: layer.apply(p, x, cache=c), donate_argnames="c")
+  for t in (1, 4, 20):
+    text = lower(step, params, jax.ShapeDtypeStruct((b, t, d), jnp.float32), cache)
+    assert n_kernels(text) >= 1, t
+    assert "tf.aliasing_output" in text or "jax.buffer_donor" in text, t
