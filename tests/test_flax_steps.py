@@ -7,6 +7,7 @@ is updated in place; every implementation (``xla``, the Pallas kernels in interp
 Tolerances (design.md): float32 on CPU ``max|o - r| <= 1e-5 * max|r|``; bfloat16 the parity rule
 with factor 3 (decode): ``max|o - r32| <= 3 * max|r_bf16 - r32| + 1e-5``.
 """
+import dataclasses
 import functools
 
 import chex
@@ -237,6 +238,27 @@ def test_every_implementation_agrees_with_reference(impl, monkeypatch):
   if implementation == "triton":
     assert kernel_calls == ["prefill_attention", "prefill_attention", "decode_attention",
                             "decode_attention"], kernel_calls
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_poisoned_cache_slots_never_leak(impl):
+  """NaN in every slot a row does not hold (unwritten slots, other rows' tails) never reaches the
+  output, through gqa_decode, the mask fallback and a > 16-token chunk."""
+  implementation, interpret = impl
+  t, s = 20, 24
+  layer, params, x = make_layer(implementation, interpret, seq=t)
+  ref = full_forward(layer, params, x)
+  poisoned = lambda: dataclasses.replace(KVCache.init(B, s, K, H, jnp.float32),
+                                         k=jnp.full((B, s, K, H), jnp.nan),
+                                         v=jnp.full((B, s, K, H), jnp.nan))
+  step = make_step(layer)
+  y, cache = step(params, x[:, :3], poisoned(), None)  # gqa_decode
+  assert_f32_close(y, ref[:, :3])
+  y, _ = jax.jit(lambda p, x, c: layer.apply(p, x, cache=c, mask=jnp.ones((1, 1, 1, s), bool)))(
+      params, x[:, 3:5], cache)  # XLA fallback over a NaN tail
+  assert_f32_close(y, ref[:, 3:5])
+  y, _ = step(params, x[:, :t - 3], poisoned(), None)  # 17 tokens: gqa_attention over the cache
+  assert_f32_close(y, ref[:, :t - 3])
 
 
 # --------------------------------------------------------------------------------------------
