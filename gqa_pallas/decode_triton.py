@@ -47,7 +47,8 @@ class DecodeConfig:
     min_split_keys: a split is never shorter than this (keeps per-program overhead small).
     single_split_max_length: with at least ~one program per SM unsplit, caches up to this long
       are not split (no combine pass); longer ones still are, so ragged batches stay balanced.
-    single_split_block_k: keys per tile for unsplit launches (long loops favour wider tiles).
+    single_split_block_k, single_split_num_warps: tile and warps for unsplit launches (long
+      loops favour wider tiles).
   """
   block_k: int = 64
   num_warps: int = 4
@@ -57,13 +58,15 @@ class DecodeConfig:
   min_split_keys: int = 256
   single_split_max_length: int = 4096
   single_split_block_k: int = 128
+  single_split_num_warps: int = 4
 
 
 # From `python -m benchmarks.run --only decode --sweep` on an H100 (see docs/benchmarks.md).
 TUNING_TABLE: dict[tuple[int, str], DecodeConfig] = {}
 for _dtype in ("bfloat16", "float16"):
-  for _h in (16, 32, 64, 128):
-    TUNING_TABLE[(_h, _dtype)] = DecodeConfig()
+  for _h in (16, 32, 64):  # small heads: two warps and more splits stream best
+    TUNING_TABLE[(_h, _dtype)] = DecodeConfig(num_warps=2, programs_per_sm=4)
+  TUNING_TABLE[(128, _dtype)] = DecodeConfig()
   TUNING_TABLE[(256, _dtype)] = DecodeConfig(block_k=32, single_split_block_k=64)
 for _h in (16, 32, 64):
   TUNING_TABLE[(_h, "float32")] = DecodeConfig(block_k=64, num_stages=2, single_split_block_k=64)
@@ -189,10 +192,11 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
   direct = splits == 1
   block_k = config.single_split_block_k if direct else config.block_k
   block_k = min(block_k, max(16, pl.next_power_of_2(s_max)))
+  num_warps = config.single_split_num_warps if direct else config.num_warps
   grid = (splits, row_tiles, kh, b)
   logger.debug("gqa decode launch: B=%d T=%d S_max=%d N=%d K=%d H=%d dtype=%s grid=%s "
                "block_m=%d block_k=%d num_warps=%d num_stages=%d", b, t, s_max, n,
-               kh, h, q.dtype, grid, block_m, block_k, config.num_warps,
+               kh, h, q.dtype, grid, block_m, block_k, num_warps,
                config.num_stages)
   q5 = q.reshape(b, t, kh, g, h)  # free reshape, no copy
   params = dict(block_m=block_m, head_dim=h, group_size=g, q_len=t)
@@ -217,7 +221,7 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
                         direct=direct, **params),
       grid=grid, in_specs=[rows_spec, rows_spec, q_spec, kv_spec, kv_spec],
       out_specs=out_specs, out_shape=out_shape,
-      compiler_params=tc.compiler_params(config.num_warps, config.num_stages),
+      compiler_params=tc.compiler_params(num_warps, config.num_stages),
       interpret=interpret, name="gqa_decode",
   )(q_offset, lengths, q5, k, v)
   if not direct:
