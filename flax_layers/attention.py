@@ -190,7 +190,7 @@ class GQAAttention(nn.Module):
       params = inspect.signature(self.attention_fn).parameters
       accepts_causal = "is_causal" in params
 
-      def custom(q, k, v, *, mask, is_causal):
+      def call_attention_fn(q, k, v, *, mask, is_causal):
         kwargs = dict(mask=mask, dropout_rng=dropout_rng, dropout_rate=self.dropout_rate,
                       broadcast_dropout=self.broadcast_dropout, deterministic=m_deterministic,
                       dtype=self.dtype, precision=self.precision,
@@ -199,6 +199,8 @@ class GQAAttention(nn.Module):
         if sow_weights:
           kwargs["module"] = self
         return self.attention_fn(q, k, v, **kwargs)
+
+      custom = call_attention_fn
 
     x, new_cache = core.attend(
         query, key, value, cache=cache, positions=positions, num_new=num_new, mask=mask,
@@ -364,13 +366,15 @@ class GQAAttentionNNX(nnx.Module):
     custom = None
     if self.attention_fn is not None:
 
-      def custom(q, k, v, *, mask, is_causal):
+      def call_attention_fn(q, k, v, *, mask, is_causal):
         return self.attention_fn(q, k, v, mask=mask, dropout_rng=dropout_rng,
                                  dropout_rate=self.dropout_rate,
                                  broadcast_dropout=self.broadcast_dropout,
                                  deterministic=deterministic, dtype=self.dtype,
                                  precision=self.precision,
                                  module=self if sow_weights else None, is_causal=is_causal)
+
+      custom = call_attention_fn
 
     x, new_cache = core.attend(
         query, key, value, cache=cache, positions=positions, num_new=num_new, mask=mask,

@@ -10,7 +10,7 @@ Tolerances follow design.md: float32 on CPU ``max|o - r| <= 1e-5 * max|r|``.
 """
 import dataclasses
 import functools
-import math
+import importlib
 
 import chex
 import jax
@@ -29,8 +29,8 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 def _has_kernels() -> bool:
   try:
-    import gqa_pallas.decode_triton  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    import gqa_pallas.prefill_triton  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    importlib.import_module("gqa_pallas.prefill_triton")
+    importlib.import_module("gqa_pallas.decode_triton")
   except ImportError:
     return False
   return True

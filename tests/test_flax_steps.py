@@ -9,6 +9,7 @@ with factor 3 (decode): ``max|o - r32| <= 3 * max|r_bf16 - r32| + 1e-5``.
 """
 import dataclasses
 import functools
+import importlib
 
 import chex
 import jax
@@ -28,8 +29,8 @@ H = D // N
 
 def _has_kernels() -> bool:
   try:
-    import gqa_pallas.decode_triton  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    import gqa_pallas.prefill_triton  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    importlib.import_module("gqa_pallas.prefill_triton")
+    importlib.import_module("gqa_pallas.decode_triton")
   except ImportError:
     return False
   return True
