@@ -340,7 +340,15 @@ def test_layer_steps_lower_for_cuda(dtype):
                        implementation="triton")
   x = jax.ShapeDtypeStruct((b, 8, d), jnp.float32)
   params = jax.eval_shape(layer.clone(implementation="xla").init, jax.random.key(0), x)
-  lower = lambda f, *args: f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+  def lower(jitted, *args):
+    try:
+      return jitted.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:  # jax >= 0.11 lowers Triton for CUDA only with a GPU present
+      if "No supported GPU devices" in str(e):
+        pytest.skip("this jax lowers Triton kernels for CUDA only with a GPU present")
+      raise
+
   n_kernels = lambda text: text.count("xla.gpu.triton")
   assert n_kernels(lower(jax.jit(layer.apply), params, x)) == 1
   loss = lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32))
