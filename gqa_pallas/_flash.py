@@ -44,35 +44,14 @@ def store_row_values(ref, value, t, g, valid):
   tc.store(ref.at[t, g], value.astype(ref.dtype), mask=valid)
 
 
-def store_tile(o_ref, lse_ref, split, o, lse, first_row, valid, head_dim: int):
-  """Writes rows ``[first_row, first_row + block_m)`` of split ``split`` of a
-  ``[splits, R, Hp]`` / ``[splits, R]`` ref pair."""
+def store_tile(o_ref, lse_ref, o, lse, first_row, valid, head_dim: int):
+  """Writes rows ``[first_row, first_row + block_m)`` of a ``[R, Hp]`` / ``[R]`` ref pair."""
   block_m = valid.shape[0]
   head_dim_p = o_ref.shape[-1]
   d = lax.broadcasted_iota(jnp.int32, (1, head_dim_p), 1)
-  rows = pl.ds(first_row, block_m)
-  tc.store(o_ref.at[split, rows, :], o.astype(o_ref.dtype), mask=valid[:, None] & (d < head_dim))
-  tc.store(lse_ref.at[split, rows], lse.astype(lse_ref.dtype), mask=valid)
-
-
-def load_splits(o_ref, lse_ref, num_splits: int, first_row, valid, head_dim: int):
-  """Reads rows ``[first_row, first_row + block_m)`` of every split at once:
-  ``[splits_p, block_m, Hp]`` and ``[splits_p, block_m]`` (missing splits: 0 and ``-inf``).
-
-  Volatile loads (no L1 caching): the data was written by other programs of this launch.
-  """
-  block_m = valid.shape[0]
-  splits_p = pl.next_power_of_2(num_splits)
-  head_dim_p = o_ref.shape[-1]
-  split = lax.broadcasted_iota(jnp.int32, (splits_p, block_m), 0)
-  mask2 = (split < num_splits) & valid[None, :]
-  rows = pl.ds(first_row, block_m)
-  lse = tc.load(lse_ref.at[pl.ds(0, splits_p), rows], mask=mask2, other=-jnp.inf,
-                volatile=True)
-  d = lax.broadcasted_iota(jnp.int32, (1, 1, head_dim_p), 2)
-  o = tc.load(o_ref.at[pl.ds(0, splits_p), rows, :], mask=mask2[:, :, None] & (d < head_dim),
-              other=0., volatile=True)
-  return o, lse
+  tc.store(o_ref.at[pl.ds(first_row, block_m), :], o.astype(o_ref.dtype),
+           mask=valid[:, None] & (d < head_dim))
+  tc.store(lse_ref.at[pl.ds(first_row, block_m)], lse.astype(lse_ref.dtype), mask=valid)
 
 
 def _dot(a, b):

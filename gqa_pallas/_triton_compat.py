@@ -12,8 +12,6 @@ with warnings.catch_warnings():
 load = _plt.load
 store = _plt.store
 dot = _plt.dot
-atomic_add = _plt.atomic_add
-debug_barrier = _plt.debug_barrier
 
 
 def compiler_params(num_warps: int, num_stages: int):

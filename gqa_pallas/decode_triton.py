@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from gqa_pallas import _flash
@@ -111,20 +112,14 @@ def choose_splits(programs: int, max_length: int, config: DecodeConfig,
   return max(1, min(splits, pl.cdiv(max_length, config.block_k)))
 
 
-def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, scale, block_m,
-                   block_k, num_splits, head_dim, group_size, q_len, barriers=True):
+def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
+                   block_m, block_k, num_splits, head_dim, group_size, q_len, direct):
   """One (split, row tile, kv head, batch row).
 
-  Refs: q ``[T, G, Hp]``; k/v ``[S_max, Hp]`` of this (b, kv head); o ``[T, G, Hp]`` and lse
-  ``[T, G]`` the final outputs of this (b, kv head). With several splits, also the partial
-  results of every split, o_part ``[splits, T*G, Hp]`` (normalised) and lse_part
-  ``[splits, T*G]`` (log2), and a per-tile arrival counter ``[row_tiles]`` (zero on entry): the
-  last split program to arrive merges all splits in float32, so no second launch is needed.
+  Refs: q ``[T, G, Hp]``; k/v ``[S_max, Hp]`` of this (b, kv head). With ``direct`` (one split)
+  o ``[T, G, Hp]`` and lse ``[T, G]`` are the final outputs; otherwise this split's partial o
+  ``[T*G, Hp]`` (normalised) and lse ``[T*G]`` (log2 domain) for ``_combine_kernel``.
   """
-  if num_splits == 1:
-    o_ref, lse_ref = refs
-  else:
-    _, o_ref, lse_ref, o_part_ref, lse_part_ref, counter_ref = refs
   split = pl.program_id(0)
   tile = pl.program_id(1)
   b = pl.program_id(3)
@@ -148,31 +143,40 @@ def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, *refs, scale,
       n_end=pl.cdiv(jnp.maximum(hi - lo, 0), block_k),
       block_k=block_k, qk_scale=scale * _LOG2_E, head_dim=head_dim)
   out, lse2 = _flash.finalize(acc, m, l)
-  if num_splits == 1:
+  if direct:
     _flash.store_rows(o_ref, out, t, g, valid, head_dim)
     _flash.store_row_values(lse_ref, lse2 * _LN_2, t, g, valid)
-    return
+  else:
+    _flash.store_tile(o_ref, lse_ref, out, lse2, first_row, valid, head_dim)
 
-  _flash.store_tile(o_part_ref, lse_part_ref, split, out, lse2, first_row, valid, head_dim)
-  # Every thread's partial stores precede the (acq_rel, gpu-scope) arrival increment. (The
-  # interpreter runs programs one after another and has no barrier.)
-  if barriers:
-    tc.debug_barrier()
-  arrived = tc.atomic_add(counter_ref, tile, jnp.ones((), jnp.int32))
 
-  @pl.when(arrived == num_splits - 1)
-  def _merge():
-    if barriers:
-      tc.debug_barrier()
-    o_all, lse_all = _flash.load_splits(o_part_ref, lse_part_ref, num_splits, first_row, valid,
-                                        head_dim)
-    m_all = jnp.max(lse_all, axis=0)
-    m_safe = jnp.where(m_all == -jnp.inf, 0., m_all)
-    w = jnp.exp2(lse_all - m_safe[None, :])  # [splits_p, rows]; empty splits weigh 0
-    merged, merged_lse = _flash.finalize(jnp.sum(o_all * w[:, :, None], axis=0), m_safe,
-                                         jnp.sum(w, axis=0))
-    _flash.store_rows(o_ref, merged, t, g, valid, head_dim)
-    _flash.store_row_values(lse_ref, merged_lse * _LN_2, t, g, valid)
+def _combine_kernel(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits, block_rows,
+                    head_dim, group_size, q_len):
+  """Merges the splits of ``block_rows`` rows of one (kv head, batch row) in float32.
+
+  Refs: o_part ``[splits, T*G, Hp]``, lse_part ``[splits, T*G]`` (log2); o ``[T, G, Hp]``,
+  lse ``[T, G]``. All splits are loaded at once (one round trip, no serial loop). Empty splits
+  carry lse ``-inf`` and weigh nothing; a row whose splits are all empty gives 0 and ``-inf``.
+  """
+  first_row = pl.program_id(0) * block_rows
+  splits_p = pl.next_power_of_2(num_splits)
+  head_dim_p = o_part_ref.shape[-1]
+  t, g, valid = _flash.tile_rows(first_row, block_rows, group_size, q_len * group_size)
+  split = lax.broadcasted_iota(jnp.int32, (splits_p, block_rows), 0)
+  mask2 = (split < num_splits) & valid[None, :]
+  lse = tc.load(lse_part_ref.at[pl.ds(0, splits_p), pl.ds(first_row, block_rows)], mask=mask2,
+                other=-jnp.inf)
+  d = lax.broadcasted_iota(jnp.int32, (1, 1, head_dim_p), 2)
+  o = tc.load(o_part_ref.at[pl.ds(0, splits_p), pl.ds(first_row, block_rows), :],
+              mask=mask2[:, :, None] & (d < head_dim), other=0.)
+  m = jnp.max(lse, axis=0)
+  m_safe = jnp.where(m == -jnp.inf, 0., m)
+  w = jnp.exp2(lse - m_safe[None, :])  # [splits_p, rows]; exp2(-inf) = 0 for empty splits
+  w_sum = jnp.sum(w, axis=0)
+  acc = jnp.sum(o * w[:, :, None], axis=0)
+  out, lse2 = _flash.finalize(acc, m_safe, w_sum)
+  _flash.store_rows(o_ref, out, t, g, valid, head_dim)
+  _flash.store_row_values(lse_ref, lse2 * _LN_2, t, g, valid)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "return_lse", "interpret", "config"))
@@ -189,44 +193,56 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
   block_k = config.single_split_block_k if direct else config.block_k
   block_k = min(block_k, max(16, pl.next_power_of_2(s_max)))
   num_warps = config.single_split_num_warps if direct else config.num_warps
-  num_warps = max(num_warps, min(block_m // 8, 8))  # larger tiles (T > 1) need more warps
   grid = (splits, row_tiles, kh, b)
   logger.debug("gqa decode launch: B=%d T=%d S_max=%d N=%d K=%d H=%d dtype=%s grid=%s "
                "block_m=%d block_k=%d num_warps=%d num_stages=%d", b, t, s_max, n,
-               kh, h, q.dtype, grid, block_m, block_k, num_warps, config.num_stages)
+               kh, h, q.dtype, grid, block_m, block_k, num_warps,
+               config.num_stages)
   q5 = q.reshape(b, t, kh, g, h)  # free reshape, no copy
+  params = dict(block_m=block_m, head_dim=h, group_size=g, q_len=t)
   rows_spec = pl.BlockSpec((b,), lambda *_: (0,))
-  qo_spec = pl.BlockSpec((None, t, None, g, head_dim_p), lambda sp, j, kk, bb: (bb, 0, kk, 0, 0))
+  q_spec = pl.BlockSpec((None, t, None, g, head_dim_p), lambda sp, j, kk, bb: (bb, 0, kk, 0, 0))
   kv_spec = pl.BlockSpec((None, s_max, None, head_dim_p), lambda sp, j, kk, bb: (bb, 0, kk, 0))
-  lse_spec = pl.BlockSpec((None, t, None, g), lambda sp, j, kk, bb: (bb, 0, kk, 0))
-  in_specs = [rows_spec, rows_spec, qo_spec, kv_spec, kv_spec]
-  out_shape = [jax.ShapeDtypeStruct((b, t, kh, g, h), q.dtype),
-               jax.ShapeDtypeStruct((b, t, kh, g), jnp.float32)]
-  out_specs = [qo_spec, lse_spec]
-  inputs = [q_offset, lengths, q5, k, v]
-  aliases = {}
-  if not direct:
-    counter_spec = pl.BlockSpec((None, None, row_tiles), lambda sp, j, kk, bb: (bb, kk, 0))
-    in_specs.append(counter_spec)
-    inputs.append(jnp.zeros((b, kh, row_tiles), jnp.int32))
-    aliases = {len(inputs) - 1: 4}
-    out_shape += [jax.ShapeDtypeStruct((b, kh, splits, rows, h), jnp.float32),
-                  jax.ShapeDtypeStruct((b, kh, splits, rows), jnp.float32),
-                  jax.ShapeDtypeStruct((b, kh, row_tiles), jnp.int32)]
-    out_specs += [
-        pl.BlockSpec((None, None, splits, rows, head_dim_p),
-                     lambda sp, j, kk, bb: (bb, kk, 0, 0, 0)),
-        pl.BlockSpec((None, None, splits, rows), lambda sp, j, kk, bb: (bb, kk, 0, 0)),
-        counter_spec]
+  final_shape = [jax.ShapeDtypeStruct((b, t, kh, g, h), q.dtype),
+                 jax.ShapeDtypeStruct((b, t, kh, g), jnp.float32)]
+  if direct:
+    out_shape = final_shape
+    out_specs = [q_spec, pl.BlockSpec((None, t, None, g), lambda sp, j, kk, bb: (bb, 0, kk, 0))]
+  else:
+    out_shape = [jax.ShapeDtypeStruct((b, kh, splits, rows, h), jnp.float32),
+                 jax.ShapeDtypeStruct((b, kh, splits, rows), jnp.float32)]
+    out_specs = [
+        pl.BlockSpec((None, None, None, rows, head_dim_p),
+                     lambda sp, j, kk, bb: (bb, kk, sp, 0, 0)),
+        pl.BlockSpec((None, None, None, rows), lambda sp, j, kk, bb: (bb, kk, sp, 0)),
+    ]
   outs = pl.pallas_call(
-      functools.partial(_decode_kernel, scale=scale, block_m=block_m, block_k=block_k,
-                        num_splits=splits, head_dim=h, group_size=g, q_len=t,
-                        barriers=not interpret),
-      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      input_output_aliases=aliases,
+      functools.partial(_decode_kernel, scale=scale, block_k=block_k, num_splits=splits,
+                        direct=direct, **params),
+      grid=grid, in_specs=[rows_spec, rows_spec, q_spec, kv_spec, kv_spec],
+      out_specs=out_specs, out_shape=out_shape,
       compiler_params=tc.compiler_params(num_warps, config.num_stages),
       interpret=interpret, name="gqa_decode",
-  )(*inputs)
+  )(q_offset, lengths, q5, k, v)
+  if not direct:
+    # A second small kernel merges the splits (one launch, float32).
+    # Rows per combine program: all splits of a row tile are loaded at once, so keep the tile
+    # at most ~8k floats.
+    combine_rows = max(1, min(pl.next_power_of_2(rows),
+                              8192 // (pl.next_power_of_2(splits) * head_dim_p)))
+    outs = pl.pallas_call(
+        functools.partial(_combine_kernel, num_splits=splits, block_rows=combine_rows,
+                          head_dim=h, group_size=g, q_len=t),
+        grid=(pl.cdiv(rows, combine_rows), kh, b),
+        in_specs=[pl.BlockSpec((None, None, splits, rows, head_dim_p),
+                               lambda j, kk, bb: (bb, kk, 0, 0, 0)),
+                  pl.BlockSpec((None, None, splits, rows), lambda j, kk, bb: (bb, kk, 0, 0))],
+        out_specs=[pl.BlockSpec((None, t, None, g, head_dim_p), lambda j, kk, bb: (bb, 0, kk, 0, 0)),
+                   pl.BlockSpec((None, t, None, g), lambda j, kk, bb: (bb, 0, kk, 0))],
+        out_shape=final_shape,
+        compiler_params=tc.compiler_params(4, 1),
+        interpret=interpret, name="gqa_decode_combine",
+    )(*outs)
   out = outs[0].reshape(b, t, n, h)
   if return_lse:
     return out, outs[1].reshape(b, t, n)
