@@ -1,0 +1,174 @@
+"""Writes ``docs/benchmarks.md`` (tables) and ``docs/img/*.png`` (plots) from a results JSON.
+
+    python -m benchmarks.report [benchmarks/results/nvidia-h100-80gb-hbm3.json]
+
+Every number in the page comes from the JSON that ``benchmarks.run`` wrote; nothing is typed by
+hand. Runs on any machine (no GPU needed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = os.path.join(ROOT, "benchmarks", "results", "nvidia-h100-80gb-hbm3.json")
+
+
+def _f(x, fmt="{:.0f}"):
+  return "-" if x is None else fmt.format(x)
+
+
+def prefill_table(rows):
+  out = ["| B | S | N:K | H | ours | cuDNN | XLA | Pallas-Triton `mha` (best) | ours / mha | "
+         "ours / cuDNN | rel. err vs f32 ref |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    t = r["tflops"]
+    ratio_mha = t["ours"] / t["pl-triton"] if "pl-triton" in t else None
+    ratio_cudnn = t["ours"] / t["cudnn"] if "cudnn" in t else None
+    out.append(f"| {r['B']} | {r['S']} | {r['N']}:{r['K']} | {r['H']} | {_f(t.get('ours'))} | "
+               f"{_f(t.get('cudnn'))} | {_f(t.get('xla'))} | {_f(t.get('pl-triton'))} | "
+               f"{_f(ratio_mha, '{:.2f}')} | {_f(ratio_cudnn, '{:.2f}')} | "
+               f"{r['rel_err_vs_f32_ref']:.1e} |")
+  return "\n".join(out)
+
+
+def decode_table(rows, copy_gbs):
+  out = ["| B | S_max | N:K | H | K+V MB | ours GB/s | of copy BW | cuDNN GB/s | XLA | jnp ref | "
+         "JAX Pallas `gqa` | ours us | cuDNN us | cuDNN time / ours |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    g, ms = r["gbs"], r["ms"]
+    ratio = ms["cudnn"] / ms["ours"] if "cudnn" in ms and "ours" in ms else None
+    out.append(
+        f"| {r['B']} | {r['S_max']} | {r['N']}:{r['K']} | {r['H']} | "
+        f"{r['kv_bytes_read'] / 1e6:.0f} | {_f(g.get('ours'))} | "
+        f"{_f(g.get('ours', 0) / copy_gbs, '{:.2f}')} | {_f(g.get('cudnn'))} | "
+        f"{_f(g.get('xla'))} | {_f(g.get('jnp-ref'))} | {_f(g.get('pl-gqa'))} | "
+        f"{_f(ms.get('ours', 0) * 1e3, '{:.1f}')} | {_f(ms.get('cudnn', 0) * 1e3, '{:.1f}')} | "
+        f"{_f(ratio, '{:.2f}')} |")
+  return "\n".join(out)
+
+
+def ragged_table(rows):
+  out = ["| lengths | mean fill | ours us | ours time / full cache | cuDNN us | "
+         "cuDNN time / full cache |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    tv = r.get("time_vs_full", {})
+    out.append(f"| {r['label']} | {r['mean_length'] / r['S_max']:.2f} | "
+               f"{r['ms']['ours'] * 1e3:.1f} | {_f(tv.get('ours'), '{:.3f}')} | "
+               f"{_f(r['ms'].get('cudnn', 0) * 1e3, '{:.1f}')} | "
+               f"{_f(tv.get('cudnn'), '{:.3f}')} |")
+  return "\n".join(out)
+
+
+def t4_table(rows):
+  out = ["| B | S_max | N:K | H | T=4 us | T=4 time / T=1 time |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    out.append(f"| {r['B']} | {r['S_max']} | {r['N']}:{r['K']} | {r['H']} | "
+               f"{r['ms']['ours'] * 1e3:.1f} | {r['time_vs_T1']:.3f} |")
+  return "\n".join(out)
+
+
+def plots(prefill, decode, copy_gbs, img_dir):
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return []
+  os.makedirs(img_dir, exist_ok=True)
+  made = []
+  for name, rows, key, ylabel, impls, ceiling in (
+      ("prefill", prefill, "tflops", "TFLOP/s (causal)", ["ours", "cudnn", "pl-triton", "xla"],
+       None),
+      ("decode", decode, "gbs", "GB/s of K+V read", ["ours", "cudnn", "pl-gqa", "xla"],
+       copy_gbs)):
+    labels = [f"B{r['B']} S{r.get('S', r.get('S_max'))}\n{r['N']}:{r['K']} H{r['H']}"
+              for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+      ax.bar([x + i * width for x in range(len(rows))], [r[key].get(impl, 0) for r in rows],
+             width, label=impl)
+    if ceiling:
+      ax.axhline(ceiling, color="k", linestyle="--", linewidth=1, label="device copy")
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(img_dir, f"{name}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    made.append(path)
+  return made
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  path = argv[0] if argv else DEFAULT
+  with open(path) as f:
+    res = json.load(f)
+  rows = res["rows"]
+  prefill = [r for r in rows if r["kind"] == "prefill"]
+  decode = [r for r in rows if r["kind"] == "decode" and r["label"] == "full"]
+  ragged = [r for r in rows if r["kind"] == "decode" and r["label"].startswith("ragged")]
+  t4 = [r for r in rows if r["kind"] == "decode" and r["label"] == "T4"]
+  img_dir = os.path.join(ROOT, "docs", "img")
+  made = plots(prefill, decode, res["copy_gbs"], img_dir)
+  rel = os.path.relpath(path, ROOT)
+  text = [
+      "# Benchmarks",
+      "",
+      f"Generated by `python -m benchmarks.report` from `{rel}` (written by "
+      "`python -m benchmarks.run` on the GPU machine). Do not edit by hand.",
+      "",
+      f"Device: **{res['device']}**, jax {res['jax']}, {res['date'][:10]}. Ceilings measured in "
+      f"the same run: device copy **{res['copy_gbs']:.0f} GB/s** (read + write), bf16 "
+      f"8192^3 matmul **{res['matmul_tflops']:.0f} TFLOP/s**. Kernel times are CUPTI medians "
+      "(`jax.experimental.mosaic.gpu.profiler.measure`), all implementations in one process; "
+      "random normal bf16 inputs. Ratios within this run are what to compare.",
+      "",
+      "## Prefill (causal, bf16, T = S; TFLOP/s with causal FLOPs 2·B·S²·N·H)",
+      "",
+      "Pallas-Triton `mha` is JAX's own kernel (no GQA: K/V repeated beforehand, repeat not "
+      "timed; best of four block configs). Our kernel reads each K/V tile once per group.",
+      "",
+      prefill_table(prefill),
+      "",
+      "## Decode (one query token per row, full caches, bf16)",
+      "",
+      "GB/s = bytes of K and V actually read (per-row lengths) / time. cuDNN and XLA are "
+      "`jax.nn.dot_product_attention(..., key_value_seq_lengths=...)`; `jnp ref` is this "
+      "package's reference under `jit`; JAX Pallas `gqa` is `decode_attention.gqa`.",
+      "",
+      decode_table(decode, res["copy_gbs"]),
+      "",
+      "### Ragged lengths (B16, S_max 8192, 32:8, H128)",
+      "",
+      ragged_table(ragged),
+      "",
+      "### Several query tokens per row (T = 4, speculative / chunked decoding)",
+      "",
+      t4_table(t4),
+      "",
+  ]
+  for p in made:
+    text += [f"![{os.path.basename(p)}](img/{os.path.basename(p)})", ""]
+  text += [
+      "## Tuning sweeps",
+      "",
+      "The tuning tables in `gqa_pallas/prefill_triton.py` and `gqa_pallas/decode_triton.py` "
+      "come from `python -m benchmarks.run --sweep` runs on the same card; their raw results "
+      "are the `*-sweep*.json` files beside the main result.",
+      "",
+  ]
+  out = os.path.join(ROOT, "docs", "benchmarks.md")
+  with open(out, "w") as f:
+    f.write("\n".join(text))
+  print("wrote", out, *made)
+
+
+if __name__ == "__main__":
+  main()
