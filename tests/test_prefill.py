@@ -40,15 +40,20 @@ def _case_id(c):
          f"{'-qoff' if qo is not None else ''}{'' if causal else '-full'}"
 
 
-@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
-def test_interpret_parity(case):
+def _check_case(case, interpret):
   b, t, s, n, k, h, dtype, kvl, q_offset, causal = case
   kv_lengths = None if kvl is None else jnp.array(kvl, jnp.int32)
-  q, kk, v = numerics.random_qkv(zlib.crc32(_case_id(case).encode()) % 1000, b, t, s, n, k, h, dtype, kv_lengths)
+  seed = zlib.crc32(_case_id(case).encode()) % 1000
+  q, kk, v = numerics.random_qkv(seed, b, t, s, n, k, h, dtype, kv_lengths)
   out, lse = gp.gqa_attention(q, kk, v, causal=causal, q_offset=q_offset, kv_lengths=kv_lengths,
-                              implementation="triton", interpret=True, return_lse=True)
+                              implementation="triton", interpret=interpret, return_lse=True)
   numerics.check_against_reference(out, lse, q, kk, v, factor=2.0, causal=causal,
                                    q_offset=q_offset, kv_lengths=kv_lengths)
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=_case_id)
+def test_interpret_parity(case):
+  _check_case(case, interpret=True)
 
 
 def test_interpret_default_dispatch_and_scale():
@@ -137,13 +142,7 @@ ANCHOR_SHAPES = [(8, 2048, 32, 8, 128), (4, 4096, 32, 8, 128), (2, 8192, 32, 8, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 def test_gpu_parity(case):
-  b, t, s, n, k, h, dtype, kvl, q_offset, causal = case
-  kv_lengths = None if kvl is None else jnp.array(kvl, jnp.int32)
-  q, kk, v = numerics.random_qkv(zlib.crc32(_case_id(case).encode()) % 1000, b, t, s, n, k, h, dtype, kv_lengths)
-  out, lse = gp.gqa_attention(q, kk, v, causal=causal, q_offset=q_offset, kv_lengths=kv_lengths,
-                              return_lse=True)
-  numerics.check_against_reference(out, lse, q, kk, v, factor=2.0, causal=causal,
-                                   q_offset=q_offset, kv_lengths=kv_lengths)
+  _check_case(case, interpret=False)
 
 
 @pytest.mark.gpu
