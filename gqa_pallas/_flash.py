@@ -8,12 +8,22 @@ tile loaded from HBM serves the whole group. Rows are gathered/scattered with pe
 from __future__ import annotations
 
 import functools
+import math
 
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
 from gqa_pallas import _triton_compat as tc
+
+LOG2_E = math.log2(math.e)  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
+LN_2 = math.log(2.0)        # log2-domain lse -> natural-log lse
+
+
+def empty_result(q, return_lse: bool):
+  """The result for ``B == 0`` or ``T == 0`` (no program to launch): zeros, lse ``-inf``."""
+  out = jnp.zeros(q.shape, q.dtype)
+  return (out, jnp.full(q.shape[:3], -jnp.inf, jnp.float32)) if return_lse else out
 
 
 def tile_rows(first_row, block_m: int, group_size: int, num_rows: int):

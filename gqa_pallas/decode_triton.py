@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +28,6 @@ from gqa_pallas.prefill_triton import check_head_dim, padded_head_dim
 
 logger = logging.getLogger("gqa_pallas")
 
-_LOG2_E = math.log2(math.e)
-_LN_2 = math.log(2.0)
 _MIN_TILE_ROWS = 16  # Triton's smallest dot M
 _MAX_TILE_ROWS = 128
 
@@ -141,11 +138,11 @@ def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_re
       q, k_ref, v_ref, q_offset + t, kv_len, block_lo=lo // block_k,
       n_full=jnp.maximum(full_hi - lo, 0) // block_k,
       n_end=pl.cdiv(jnp.maximum(hi - lo, 0), block_k),
-      block_k=block_k, qk_scale=scale * _LOG2_E, head_dim=head_dim)
+      block_k=block_k, qk_scale=scale * _flash.LOG2_E, head_dim=head_dim)
   out, lse2 = _flash.finalize(acc, m, l)
   if direct:
     _flash.store_rows(o_ref, out, t, g, valid, head_dim)
-    _flash.store_row_values(lse_ref, lse2 * _LN_2, t, g, valid)
+    _flash.store_row_values(lse_ref, lse2 * _flash.LN_2, t, g, valid)
   else:
     _flash.store_tile(o_ref, lse_ref, out, lse2, first_row, valid, head_dim)
 
@@ -176,7 +173,7 @@ def _combine_kernel(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits, blo
   acc = jnp.sum(o * w[:, :, None], axis=0)
   out, lse2 = _flash.finalize(acc, m_safe, w_sum)
   _flash.store_rows(o_ref, out, t, g, valid, head_dim)
-  _flash.store_row_values(lse_ref, lse2 * _LN_2, t, g, valid)
+  _flash.store_row_values(lse_ref, lse2 * _flash.LN_2, t, g, valid)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "return_lse", "interpret", "config"))
@@ -259,9 +256,7 @@ def decode_attention(q, k, v, q_offset, lengths, *, scale, return_lse=False, int
   if config is None:
     config = default_config(q.shape[-1], q.dtype)
   if q.shape[0] == 0 or q.shape[1] == 0:
-    out = jnp.zeros(q.shape, q.dtype)
-    lse = jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
-    return (out, lse) if return_lse else out
+    return _flash.empty_result(q, return_lse)
   lengths = jnp.clip(lengths, 0, k.shape[1])
   return _decode_call(q, k, v, q_offset, lengths, scale=float(scale), return_lse=return_lse,
                       interpret=interpret, config=config)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +27,6 @@ from gqa_pallas import reference
 
 logger = logging.getLogger("gqa_pallas")
 
-_LOG2_E = math.log2(math.e)
-_LN_2 = math.log(2.0)
 MAX_HEAD_DIM = 256
 
 
@@ -108,12 +105,12 @@ def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *l
     full_keys = end_keys = kv_len
   acc, m, l = _flash.attend(
       q, k_ref, v_ref, q_offset + t, kv_len, block_lo=0, n_full=full_keys // block_k,
-      n_end=pl.cdiv(end_keys, block_k), block_k=block_k, qk_scale=scale * _LOG2_E,
+      n_end=pl.cdiv(end_keys, block_k), block_k=block_k, qk_scale=scale * _flash.LOG2_E,
       head_dim=head_dim, causal=causal)
   out, lse2 = _flash.finalize(acc, m, l)
   _flash.store_rows(o_ref, out, t, g, valid, head_dim)
   if lse_refs:
-    _flash.store_row_values(lse_refs[0], lse2 * _LN_2, t, g, valid)
+    _flash.store_row_values(lse_refs[0], lse2 * _flash.LN_2, t, g, valid)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "return_lse", "interpret",
@@ -160,7 +157,8 @@ def _prefill_diff(q, k, v, q_offset, kv_lengths, causal, scale, return_lse, inte
 
 
 def _prefill_fwd(q, k, v, q_offset, kv_lengths, causal, scale, return_lse, interpret, config):
-  res = _prefill_diff(q, k, v, q_offset, kv_lengths, causal, scale, return_lse, interpret, config)
+  res = _prefill_call(q, k, v, q_offset, kv_lengths, causal=causal, scale=scale,
+                      return_lse=return_lse, interpret=interpret, config=config)
   return res, (q, k, v, q_offset, kv_lengths)
 
 
@@ -189,9 +187,7 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
   if config is None:
     config = default_config(q.shape[-1], q.dtype)
   if q.shape[1] == 0 or q.shape[0] == 0:
-    out = jnp.zeros(q.shape, q.dtype)
-    lse = jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
-    return (out, lse) if return_lse else out
+    return _flash.empty_result(q, return_lse)
   kv_lengths = jnp.clip(kv_lengths, 0, k.shape[1])
   return _prefill_diff(q, k, v, q_offset, kv_lengths, causal, float(scale), return_lse,
                        interpret, config)
