@@ -45,6 +45,16 @@ def _xla_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse):
                                        kv_lengths=kv_lengths, scale=scale, return_lse=return_lse)
 
 
+def _prepare(q, k, v, q_offset, kv_lengths, scale, implementation, interpret):
+  """Validates once and fills the defaults: ``(impl, q_offset, kv_lengths, scale)``."""
+  dims, q_offset, kv_lengths = validation.validate_attention(q, k, v, q_offset, kv_lengths)
+  validation.check_scale(scale)
+  impl = resolve_implementation(implementation, interpret)
+  q_offset, kv_lengths = reference.resolve_positions(dims, q_offset, kv_lengths)
+  scale = float(1.0 / math.sqrt(dims.head_dim) if scale is None else scale)
+  return impl, q_offset, kv_lengths, scale
+
+
 def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale=None,
                   implementation=None, interpret=False, return_lse=False):
   """Causal (or full) grouped-query attention with the reference's semantics.
@@ -62,11 +72,8 @@ def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale
   Returns:
     ``[B, T, N, H]`` in q's dtype (and the lse).
   """
-  dims, q_offset, kv_lengths = validation.validate_attention(q, k, v, q_offset, kv_lengths)
-  validation.check_scale(scale)
-  impl = resolve_implementation(implementation, interpret)
-  q_offset, kv_lengths = reference.resolve_positions(dims, q_offset, kv_lengths)
-  scale = float(1.0 / math.sqrt(dims.head_dim) if scale is None else scale)
+  impl, q_offset, kv_lengths, scale = _prepare(q, k, v, q_offset, kv_lengths, scale,
+                                               implementation, interpret)
   if impl == "xla":
     return _xla_attention(q, k, v, q_offset, kv_lengths, causal=causal, scale=scale,
                           return_lse=return_lse)
@@ -101,12 +108,8 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
   if q.shape[1] > 16:
     raise ValueError(f"gqa_decode handles T <= 16 new tokens per row; got T={q.shape[1]}. "
                      "Use gqa_attention with the cache's k/v for longer chunks.")
-  dims, q_offset, kv_lengths = validation.validate_attention(q, cache.k, cache.v, q_offset,
-                                                             cache.lengths)
-  validation.check_scale(scale)
-  impl = resolve_implementation(implementation, interpret)
-  q_offset, kv_lengths = reference.resolve_positions(dims, q_offset, kv_lengths)
-  scale = float(1.0 / math.sqrt(dims.head_dim) if scale is None else scale)
+  impl, q_offset, kv_lengths, scale = _prepare(q, cache.k, cache.v, q_offset, cache.lengths,
+                                               scale, implementation, interpret)
   if impl == "xla":
     res = _xla_attention(q, cache.k, cache.v, q_offset, kv_lengths, causal=True, scale=scale,
                          return_lse=return_lse)
