@@ -173,7 +173,7 @@ def bench_decode(sweep: bool, iterations: int, copy_gbs: float, grid=None):
       name = "ours" if not sweep else (f"ours[{cfg.block_k},{cfg.num_warps},{cfg.num_stages},"
                                        f"{cfg.programs_per_sm},{cfg.min_split_keys}]")
       record(name, lambda q, c, cfg=cfg: decode_triton.decode_attention(
-          q, c.k, c.v, c.lengths - t, c.lengths, scale=scale, config=cfg), q, cache)
+          q, c.k, c.v, None, c.lengths, scale=scale, config=cfg), q, cache)
     if sweep:
       ours = {kk: vv for kk, vv in row["gbs"].items() if kk.startswith("ours[")}
       if ours:

@@ -108,6 +108,7 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
   if q.shape[1] > 16:
     raise ValueError(f"gqa_decode handles T <= 16 new tokens per row; got T={q.shape[1]}. "
                      "Use gqa_attention with the cache's k/v for longer chunks.")
+  offset_given = q_offset is not None
   impl, q_offset, kv_lengths, scale = _prepare(q, cache.k, cache.v, q_offset, cache.lengths,
                                                scale, implementation, interpret)
   if impl == "xla":
@@ -115,8 +116,10 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
                          return_lse=return_lse)
   else:
     from gqa_pallas import decode_triton  # pylint: disable=g-import-not-at-top
-    res = decode_triton.decode_attention(q, cache.k, cache.v, q_offset, kv_lengths, scale=scale,
-                                         return_lse=return_lse, interpret=interpret)
+    # The kernel derives the default q_offset itself (no extra elementwise launch per step).
+    res = decode_triton.decode_attention(q, cache.k, cache.v, q_offset if offset_given else None,
+                                         kv_lengths, scale=scale, return_lse=return_lse,
+                                         interpret=interpret)
   if single:
     res = jax.tree_util.tree_map(lambda x: x[:, 0], res)
   return res

@@ -26,10 +26,11 @@ def _run_case(b, t, s_max, n, kh, h, dtype, lengths, splits, interpret, seed):
   lengths = jnp.asarray(lengths, jnp.int32)
   q, k, v = numerics.random_qkv(seed, b, t, s_max, n, kh, h, dtype, lengths)
   cfg = dataclasses.replace(decode_triton.default_config(h, dtype), num_splits=splits)
-  out, lse = decode_triton.decode_attention(q, k, v, lengths - t, lengths, scale=h ** -0.5,
+  # q_offset=None: the kernel derives lengths - T itself (the path gqa_decode takes by default).
+  out, lse = decode_triton.decode_attention(q, k, v, None, lengths, scale=h ** -0.5,
                                             return_lse=True, interpret=interpret, config=cfg)
   numerics.check_against_reference(out, lse, q, k, v, factor=3.0, kv_lengths=lengths)
-  return q, k, v, lengths
+  return q, k, v, lengths, cfg
 
 
 # (B, T, S_max, N, K, H, dtype, lengths, forced splits): odd S_max; lengths 0, 1, block-1,
@@ -55,6 +56,16 @@ def _case_id(c):
 def test_interpret_parity(case):
   *shape, splits = case
   _run_case(*shape, splits=splits, interpret=True, seed=zlib.crc32(_case_id(case).encode()))
+
+
+def test_explicit_offset_equals_derived_offset():
+  q, k, v, lengths, cfg = _run_case(3, 3, 70, 8, 2, 64, F32, [0, 5, 70], splits=3,
+                                    interpret=True, seed=5)
+  explicit = decode_triton.decode_attention(q, k, v, lengths - 3, lengths, scale=0.125,
+                                            interpret=True, config=cfg)
+  derived = decode_triton.decode_attention(q, k, v, None, lengths, scale=0.125, interpret=True,
+                                           config=cfg)
+  np.testing.assert_array_equal(explicit, derived)
 
 
 def test_batched_equals_per_row_calls():
@@ -120,6 +131,20 @@ def test_splits_heuristic():
   assert decode_triton.choose_splits(8, 32768, cfg, sm_count=132) >= 16
   # Never more splits than blocks.
   assert decode_triton.choose_splits(1, 100, cfg, sm_count=132) <= 2
+  # Many query rows over a short cache: the float32 partials would outweigh the K/V they
+  # summarise, so the splits are capped (at a power of two).
+  small = decode_triton.DecodeConfig(programs_per_sm=4)
+  assert decode_triton.choose_splits(32, 4096, small, sm_count=132, tile_rows=7) == 16
+  assert decode_triton.choose_splits(32, 4096, small, sm_count=132, tile_rows=56) == 8
+  # Wide tiles (more than 16 query rows per kv head) are padded to 64 rows with one warp per
+  # 16 rows; narrow ones keep the configured warps.
+  assert decode_triton.tile_rows_for(4, 7, cfg) == 64
+  assert decode_triton.tile_rows_for(1, 7, cfg) == 16
+  assert decode_triton.tile_rows_for(16, 8, cfg) == 64  # two row tiles
+  assert decode_triton.tile_rows_for(16, 8, dataclasses.replace(cfg, max_block_m=128)) == 128
+  assert decode_triton.warps_for(64, 2, cfg) == 4
+  assert decode_triton.warps_for(16, 2, cfg) == 2
+  assert decode_triton.warps_for(128, 4, cfg) == 8
 
 
 @pytest.mark.parametrize("key", sorted(decode_triton.TUNING_TABLE), ids=str)
