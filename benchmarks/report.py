@@ -161,7 +161,9 @@ def main(argv=None):
       "",
       "The tuning tables in `gqa_pallas/prefill_triton.py` and `gqa_pallas/decode_triton.py` "
       "come from `python -m benchmarks.run --sweep` runs on the same card; their raw results "
-      "are the `*-sweep*.json` files beside the main result.",
+      "are the `*-sweep*.json` files beside the main result. `python -m benchmarks.probe_decode` "
+      "times decode configurations on one shape with a per-kernel breakdown; its logs and "
+      "what each run tried are in `benchmarks/results/probes-*/` and `benchmarks/NOTES.md`.",
       "",
   ]
   out = os.path.join(ROOT, "docs", "benchmarks.md")
