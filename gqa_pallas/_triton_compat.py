@@ -8,6 +8,11 @@ import warnings
 with warnings.catch_warnings():
   warnings.simplefilter("ignore", DeprecationWarning)
   from jax.experimental.pallas import triton as _plt
+  # jax 0.11 imports the Pallas fuser lazily, inside the first interpret-mode pallas_call, and
+  # the import registers a trace-context flag: a user's jit step traced before it would
+  # retrace once on its second call. Importing it with the package keeps one trace.
+  from jax.experimental.pallas import fuser as _fuser
+  del _fuser
 
 load = _plt.load
 store = _plt.store

@@ -14,7 +14,7 @@ import math
 
 import jax
 
-from gqa_pallas import reference, validation
+from gqa_pallas import decode_triton, prefill_triton, reference, validation
 from gqa_pallas.cache import KVCache
 
 IMPLEMENTATIONS = ("triton", "xla")
@@ -77,7 +77,6 @@ def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale
   if impl == "xla":
     return _xla_attention(q, k, v, q_offset, kv_lengths, causal=causal, scale=scale,
                           return_lse=return_lse)
-  from gqa_pallas import prefill_triton  # pylint: disable=g-import-not-at-top
   return prefill_triton.prefill_attention(q, k, v, q_offset, kv_lengths, causal=causal,
                                           scale=scale, return_lse=return_lse, interpret=interpret)
 
@@ -115,7 +114,6 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
     res = _xla_attention(q, cache.k, cache.v, q_offset, kv_lengths, causal=True, scale=scale,
                          return_lse=return_lse)
   else:
-    from gqa_pallas import decode_triton  # pylint: disable=g-import-not-at-top
     # The kernel derives the default q_offset itself (no extra elementwise launch per step).
     res = decode_triton.decode_attention(q, cache.k, cache.v, q_offset if offset_given else None,
                                          kv_lengths, scale=scale, return_lse=return_lse,
