@@ -337,7 +337,8 @@ def attend(query, key, value, *, cache: KVCache | None = None, positions=None, n
   out_dtype = query.dtype
   if cache is not None:
     old_lengths = cache.lengths
-    new_cache = cache.append(key, value, num_new)
+    new_cache = cache.append(key, value, num_new, implementation=implementation,
+                             interpret=interpret)
     keys, values = new_cache.k, new_cache.v
     # Attention runs in the cache's dtype (the cache is the stored state).
     query = query.astype(keys.dtype)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from gqa_pallas import validation
+from gqa_pallas import append_triton, validation
 
 
 def _is_concrete(*xs) -> bool:
@@ -101,13 +101,19 @@ class KVCache:
       raise ValueError("layer(i) needs a stacked cache (created with num_layers=...).")
     return jax.tree_util.tree_map(lambda x: x[i], self)
 
-  def append(self, k_new, v_new, num_new=None) -> "KVCache":
+  def append(self, k_new, v_new, num_new=None, *, implementation=None,
+             interpret: bool = False) -> "KVCache":
     """Writes ``k_new``/``v_new`` ``[B, T_new, K, H]`` at each row's own offset ``lengths[b]``.
 
     ``num_new int32[B]`` (default ``T_new``): only the first ``num_new[b]`` tokens of row ``b`` are
     valid and written. Returns the new cache; under ``jit`` with the cache donated the update is in
     place. A stacked cache takes ``[L, B, T_new, K, H]`` and ``num_new [B]`` or ``[L, B]``.
+
+    ``implementation``: ``"triton"`` (one Pallas kernel for the whole append, see
+    ``append_triton``), ``"xla"`` (scatters in ``jnp``) or ``None`` (the kernel on a GPU or with
+    ``interpret=True``, else ``"xla"``); both give identical results.
     """
+    append_kwargs = dict(implementation=implementation, interpret=interpret)
     if self.num_layers is not None:
       validation.check_rank("k_new", k_new, 5, "[L, B, T_new, K, H]")
       num_new_l = num_new
@@ -122,8 +128,9 @@ class KVCache:
         _check_fits(np.asarray(self.lengths), np.full(self.lengths.shape, k_new.shape[2]),
                     k_new.shape[2], self.max_length)
       if num_new_l is None:
-        return jax.vmap(lambda c, kn, vn: c.append(kn, vn))(self, k_new, v_new)
-      return jax.vmap(lambda c, kn, vn, nn: c.append(kn, vn, nn))(self, k_new, v_new, num_new_l)
+        return jax.vmap(lambda c, kn, vn: c.append(kn, vn, **append_kwargs))(self, k_new, v_new)
+      return jax.vmap(lambda c, kn, vn, nn: c.append(kn, vn, nn, **append_kwargs))(
+          self, k_new, v_new, num_new_l)
     validation.check_rank("k_new", k_new, 4, "[B, T_new, K, H]")
     validation.check_rank("v_new", v_new, 4, "[B, T_new, K, H]")
     b, s_max, kh, h = self.k.shape
@@ -141,6 +148,12 @@ class KVCache:
       num_new = jnp.full((b,), t_new, jnp.int32)
     if _is_concrete(num_new, self.lengths):
       _check_fits(np.asarray(self.lengths), np.asarray(num_new), t_new, s_max)
+    from gqa_pallas import api  # pylint: disable=g-import-not-at-top  (api imports this module)
+    if api.resolve_implementation(implementation, interpret) == "triton":
+      k, v, lengths, overflowed = append_triton.append(
+          self.k, self.v, self.lengths, self.overflowed, k_new.astype(self.k.dtype),
+          v_new.astype(self.v.dtype), num_new, interpret=interpret)
+      return KVCache(k=k, v=v, lengths=lengths, overflowed=overflowed)
     num_new = jnp.clip(num_new, 0, t_new)
     t = jnp.arange(t_new, dtype=jnp.int32)[None, :]
     pos = self.lengths[:, None] + t  # [B, T_new]
