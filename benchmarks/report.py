@@ -71,6 +71,31 @@ def t4_table(rows):
   return "\n".join(out)
 
 
+def step_section(path):
+  """The jit decode-step table, from ``<main>-decode-step.json`` (a separate run) if present."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    res = json.load(f)
+  out = ["### A jit decode step (append one token + decode)", "",
+         f"From `{os.path.relpath(path, ROOT)}` (`python -m benchmarks.run --only step`, "
+         f"{res['device']}, jax {res['jax']}, {res['date'][:10]}). Step = CUPTI time of a "
+         "compiled loop of n steps minus a loop of 1, over n - 1 (the cache is the loop "
+         "carry; the one copy of the input cache cancels); next to the decode call alone on the "
+         "same cache, same process. 'Donated' = a single jit step with the cache donated "
+         "consumed the old buffers.", "",
+         "| B | S_max | N:K | H | step us | decode alone us | step / decode | donated |",
+         "|---|---|---|---|---|---|---|---|"]
+  for r in res["rows"]:
+    if r["kind"] != "decode_step":
+      continue
+    out.append(f"| {r['B']} | {r['S_max']} | {r['N']}:{r['K']} | {r['H']} | "
+               f"{r['step_ms'] * 1e3:.1f} | {r['kernel_ms'] * 1e3:.1f} | "
+               f"{r['step_over_kernel']:.3f} | "
+               f"{'yes' if r['cache_donated_in_place'] else 'NO'} |")
+  return out + [""]
+
+
 def plots(prefill, decode, copy_gbs, img_dir):
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
@@ -154,6 +179,7 @@ def main(argv=None):
       t4_table(t4),
       "",
   ]
+  text += step_section(path.replace(".json", "-decode-step.json"))
   for p in made:
     text += [f"![{os.path.basename(p)}](img/{os.path.basename(p)})", ""]
   text += [

@@ -1,8 +1,9 @@
 """One GPU run: ceilings, the anchor prefill grid and the anchor decode grid, side by side.
 
-    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill|decode] [--sweep] [--out FILE]
+    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill|decode|step] [--sweep] [--out FILE]
 
-Writes ``benchmarks/results/<device>.json`` (or ``--out``) and prints a table. Kernel times are
+Writes ``benchmarks/results/<device>.json`` (``--only step``: ``<device>-decode-step.json``; or
+``--out``) and prints a table. Kernel times are
 CUPTI medians (``benchmarks.common.measure_ms``); every row of one file comes from one process.
 """
 from __future__ import annotations
@@ -33,6 +34,9 @@ PREFILL_GRID = [(8, 2048, 32, 8, 128), (4, 4096, 32, 8, 128), (2, 8192, 32, 8, 1
 DECODE_GRID = [(16, 2048, 8, 8, 64), (16, 2048, 32, 8, 128), (16, 8192, 32, 8, 128),
                (64, 4096, 32, 8, 128), (1, 32768, 32, 8, 128), (16, 4096, 14, 2, 64),
                (8, 16384, 28, 4, 128)]
+
+# (B, S_max, N, K, H) for the jit decode step (append + decode, cache donated).
+STEP_GRID = [(16, 8192, 32, 8, 128), (1, 32768, 32, 8, 128), (16, 4096, 14, 2, 64)]
 
 PREFILL_SWEEP = {
     64: [prefill_triton.PrefillConfig(*c) for c in
@@ -222,9 +226,60 @@ def bench_decode(sweep: bool, iterations: int, copy_gbs: float, grid=None):
   return rows
 
 
+def bench_decode_step(iterations: int, loop_steps: int = 9):
+  """The per-step cost of a jit decode loop (``KVCache.append`` of one token, then
+  ``gqa_decode``), against the decode call alone on the same cache.
+
+  CUPTI times a compiled loop of 1 and of ``loop_steps`` steps (the cache as the loop carry);
+  the per-step cost is the difference over ``loop_steps - 1``, so the one copy of the
+  non-donated input cache into the loop cancels out. Separately, one call of a single step
+  with the cache donated checks that the donated buffers are consumed (updated in place).
+  """
+  rows = []
+  for (b, s, n, kh, h) in STEP_GRID:
+    ks = jax.random.split(jax.random.key(b + s + n), 5)
+    q = _rand(ks[0], (b, n, h))
+    k_new, v_new = _rand(ks[1], (b, 1, kh, h)), _rand(ks[2], (b, 1, kh, h))
+    cache = gp.KVCache(k=_rand(ks[3], (b, s, kh, h)), v=_rand(ks[4], (b, s, kh, h)),
+                       lengths=jnp.full((b,), s - loop_steps, jnp.int32),
+                       overflowed=jnp.zeros((b,), jnp.bool_))
+
+    def step(cache, q, k_new, v_new):
+      cache = cache.append(k_new, v_new)
+      return cache, gp.gqa_decode(q, cache)
+
+    def loop(num_steps):
+      def run(cache, q, k_new, v_new):
+        # The output rides in the carry (no extra kernel to keep it alive).
+        body = lambda _, carry: step(carry[0], q, k_new, v_new)
+        return jax.lax.fori_loop(0, num_steps, body, (cache, jnp.zeros_like(q)))
+      return jax.jit(run)
+
+    one = common.measure_ms(loop(1), cache, q, k_new, v_new, iterations=iterations)
+    many = common.measure_ms(loop(loop_steps), cache, q, k_new, v_new, iterations=iterations)
+    step_ms = (many - one) / (loop_steps - 1)
+    kernel_ms = common.measure_ms(jax.jit(lambda c, q: gp.gqa_decode(q, c)), cache, q,
+                                  iterations=iterations)
+    donated = jax.jit(step, donate_argnums=0)
+    fresh = jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, cache))
+    old_k, old_v = fresh.k, fresh.v
+    jax.block_until_ready(donated(fresh, q, k_new, v_new))
+    in_place = old_k.is_deleted() and old_v.is_deleted()
+    row = {"kind": "decode_step", "B": b, "S_max": s, "N": n, "K": kh, "H": h, "T": 1,
+           "dtype": "bfloat16", "loop_steps": loop_steps, "loop_1_ms": one,
+           "loop_n_ms": many, "step_ms": step_ms, "kernel_ms": kernel_ms,
+           "step_over_kernel": step_ms / kernel_ms, "cache_donated_in_place": bool(in_place)}
+    rows.append(row)
+    print(f"decode step B{b} S{s} {n}:{kh} H{h}: step {step_ms * 1e3:.1f} us, decode alone "
+          f"{kernel_ms * 1e3:.1f} us ({row['step_over_kernel']:.3f}x); loop of 1 "
+          f"{one * 1e3:.1f} us, of {loop_steps} {many * 1e3:.1f} us; donated buffers consumed "
+          f"{in_place}", flush=True)
+  return rows
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--only", choices=["prefill", "decode"], default=None)
+  parser.add_argument("--only", choices=["prefill", "decode", "step"], default=None)
   parser.add_argument("--sweep", action="store_true", help="time several kernel configs")
   parser.add_argument("--iterations", type=int, default=30)
   parser.add_argument("--out", default=None)
@@ -247,7 +302,11 @@ def main(argv=None):
     if args.decode_shapes:
       grid = [tuple(int(x) for x in shape.split(",")) for shape in args.decode_shapes.split(";")]
     result["rows"] += bench_decode(args.sweep, args.iterations, result["copy_gbs"], grid)
+  if args.only == "step":
+    result["rows"] += bench_decode_step(args.iterations)
   name = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
+  if args.only == "step":
+    name += "-decode-step"
   out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
