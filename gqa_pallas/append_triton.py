@@ -60,7 +60,11 @@ def _append_kernel(lengths_ref, num_new_ref, overflowed_ref, k_new_ref, v_new_re
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
-def _append_call(k, v, lengths, overflowed, k_new, v_new, num_new, *, interpret):
+def append(k, v, lengths, overflowed, k_new, v_new, num_new, *, interpret=False):
+  """Validated inputs of one layer: k/v ``[B, S_max, K, H]``, k_new/v_new ``[B, T_new, K, H]``
+  (already in the cache's dtype, ``B, T_new >= 1``), lengths/num_new ``int32[B]``, overflowed
+  ``bool[B]``. Returns the new ``(k, v, lengths, overflowed)``.
+  """
   b, s_max, kh, h = k.shape
   t_new = k_new.shape[1]
   head_dim_p = padded_head_dim(h)
@@ -82,13 +86,3 @@ def _append_call(k, v, lengths, overflowed, k_new, v_new, num_new, *, interpret)
       interpret=interpret, name="gqa_kv_append",
   )(lengths, num_new, overflowed, k_new, v_new, k, v)
 
-
-def append(k, v, lengths, overflowed, k_new, v_new, num_new, *, interpret=False):
-  """Validated inputs of one layer: k/v ``[B, S_max, K, H]``, k_new/v_new ``[B, T_new, K, H]``
-  (already in the cache's dtype), lengths/num_new ``int32[B]``, overflowed ``bool[B]``.
-
-  Returns the new ``(k, v, lengths, overflowed)``.
-  """
-  if k.shape[0] == 0 or k_new.shape[1] == 0:  # nothing to write: no kernel to launch
-    return k, v, jnp.minimum(lengths, k.shape[1]), overflowed | (lengths > k.shape[1])
-  return _append_call(k, v, lengths, overflowed, k_new, v_new, num_new, interpret=interpret)

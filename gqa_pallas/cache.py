@@ -149,7 +149,8 @@ class KVCache:
     if _is_concrete(num_new, self.lengths):
       _check_fits(np.asarray(self.lengths), np.asarray(num_new), t_new, s_max)
     from gqa_pallas import api  # pylint: disable=g-import-not-at-top  (api imports this module)
-    if api.resolve_implementation(implementation, interpret) == "triton":
+    # An empty append (B or T_new == 0) has nothing to write: no kernel launch.
+    if api.resolve_implementation(implementation, interpret) == "triton" and b and t_new:
       k, v, lengths, overflowed = append_triton.append(
           self.k, self.v, self.lengths, self.overflowed, k_new.astype(self.k.dtype),
           v_new.astype(self.v.dtype), num_new, interpret=interpret)

@@ -134,8 +134,8 @@ def choose_splits(programs: int, max_length: int, config: DecodeConfig,
       splits = min(splits, max(pl.cdiv(max_length, config.min_split_keys), 1))
       # Per split, the partials cost 2 * tile_rows * H * 4 bytes; the K/V, 2 * S * H * itemsize.
       partial_cap = int(config.max_partial_fraction * max_length * itemsize / (4 * tile_rows))
-      if splits > partial_cap:
-        splits = pl.next_power_of_2(partial_cap + 1) // 2 if partial_cap >= 1 else 1
+      if splits > partial_cap:  # the largest power of two within the cap
+        splits = 1 << (max(partial_cap, 1).bit_length() - 1)
   return max(1, min(splits, pl.cdiv(max_length, config.block_k)))
 
 

@@ -85,6 +85,15 @@ def test_default_num_new_and_stacked_cache():
                                 np.array([[False, True], [False, True]]))
 
 
+def test_empty_append():
+  """T_new == 0 launches no kernel and still saturates lengths / sets flags like the jnp path."""
+  rng = np.random.default_rng(6)
+  cache = _random_cache(rng, 3, 8, 1, 16, F32, [0, 8, 5], overflowed=[False, True, False])
+  empty = jnp.zeros((3, 0, 1, 16), F32)
+  kernel, ref = _both(cache, empty, empty, None)
+  _assert_same(kernel, ref)
+
+
 def test_eager_overflow_still_raises():
   cache = gp.KVCache.init(2, 4, 1, 8, F32)
   with pytest.raises(ValueError, match="overflow"):
