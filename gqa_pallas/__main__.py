@@ -129,14 +129,18 @@ def _attention_check(interpret: bool, seed: int) -> bool:
   decode = jax.jit(lambda q, c: gqa_decode(q, c, implementation="triton", interpret=interpret))
   reference = jax.jit(lambda q, k, v, n: attention_reference(q, k, v, kv_lengths=n))
   mode = "interpret mode" if interpret else "compiled"
+
+  def compare(out, ref):
+    """(max |out - ref|, max |ref|, within 1e-5 x max |ref| + 1e-6)."""
+    err = float(jnp.max(jnp.abs(out - ref)))
+    scale = float(jnp.max(jnp.abs(ref)))
+    return err, scale, err <= 1e-5 * scale + 1e-6
+
   try:
-    out = prefill(q, k, v, lengths)
     ref = reference(q, k, v, lengths)
     # Query rows past a row's length see no key of their own: compare the valid rows.
     valid = (jnp.arange(t)[None, :] < lengths[:, None])[:, :, None, None]
-    err = float(jnp.max(jnp.abs(jnp.where(valid, out - ref, 0))))
-    scale = float(jnp.max(jnp.abs(ref)))
-    good = err <= 1e-5 * scale + 1e-6
+    err, scale, good = compare(jnp.where(valid, prefill(q, k, v, lengths), ref), ref)
     ok &= good
     print(f"prefill kernel ({mode}), q {list(q.shape)}, k/v {list(k.shape)}, kv_lengths "
           f"{lengths.tolist()}: max |kernel - reference| = {err:.2e} "
@@ -145,11 +149,8 @@ def _attention_check(interpret: bool, seed: int) -> bool:
     cache = jax.jit(lambda k, v, n: KVCache.init(b, 128, kh, h, jnp.float32).append(k, v, n))(
         k, v, lengths)
     qd = jax.random.normal(keys[3], (b, n, h), jnp.float32)
-    out = decode(qd, cache)
     ref = reference(qd[:, None], cache.k, cache.v, cache.lengths)[:, 0]
-    err = float(jnp.max(jnp.abs(out - ref)))
-    scale = float(jnp.max(jnp.abs(ref)))
-    good = err <= 1e-5 * scale + 1e-6
+    err, scale, good = compare(decode(qd, cache), ref)
     ok &= good
     print(f"decode kernel ({mode}), q {list(qd.shape)}, cache {list(cache.k.shape)}, lengths "
           f"{cache.lengths.tolist()}: max |kernel - reference| = {err:.2e} "
