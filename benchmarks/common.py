@@ -21,6 +21,11 @@ def measure_ms(fn, *args, iterations: int = 30, warmup: int = 2) -> float:
   return float(statistics.median(times))
 
 
+def rand(key, shape, dtype=jnp.bfloat16):
+  """Standard-normal inputs drawn in float32, then cast (the same values for every dtype)."""
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
 def copy_bandwidth_gbs(num_bytes: int = 2 << 30) -> float:
   """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
   x = jax.random.normal(jax.random.key(0), (num_bytes // 2,), jnp.bfloat16)

@@ -6,9 +6,8 @@ import gqa_pallas as gp
 
 def case(B, T, S, N, K, H, dtype, kvl=None, decode=False):
   ks = jax.random.split(jax.random.key(B + T + S + N), 3)
-  q = jax.random.normal(ks[0], (B, T, N, H), jnp.float32).astype(dtype)
-  k = jax.random.normal(ks[1], (B, S, K, H), jnp.float32).astype(dtype)
-  v = jax.random.normal(ks[2], (B, S, K, H), jnp.float32).astype(dtype)
+  q = common.rand(ks[0], (B, T, N, H), dtype)
+  k, v = common.rand(ks[1], (B, S, K, H), dtype), common.rand(ks[2], (B, S, K, H), dtype)
   kvl = jnp.full((B,), S, jnp.int32) if kvl is None else jnp.asarray(kvl, jnp.int32)
   valid = (jnp.arange(S)[None, :] < kvl[:, None])[:, :, None, None]
   k = jnp.where(valid, k, jnp.nan); v = jnp.where(valid, v, jnp.nan)

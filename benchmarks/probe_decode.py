@@ -76,9 +76,8 @@ def main(argv=None):
   for shape in args.shape:
     b, s, n, kh, h, t = (int(x) for x in shape.split(","))
     keys = jax.random.split(jax.random.key(b * s + t), 3)
-    q = jax.random.normal(keys[0], (b, t, n, h), jnp.float32).astype(jnp.bfloat16)
-    k = jax.random.normal(keys[1], (b, s, kh, h), jnp.float32).astype(jnp.bfloat16)
-    v = jax.random.normal(keys[2], (b, s, kh, h), jnp.float32).astype(jnp.bfloat16)
+    q = common.rand(keys[0], (b, t, n, h))
+    k, v = common.rand(keys[1], (b, s, kh, h)), common.rand(keys[2], (b, s, kh, h))
     lengths = jnp.full((b,), s, jnp.int32)
     read_bytes = 2 * b * s * kh * h * 2
     scale = 1 / math.sqrt(h)

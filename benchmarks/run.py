@@ -57,10 +57,6 @@ DECODE_SWEEP = [decode_triton.DecodeConfig(bk, w, st, programs_per_sm=p, min_spl
                     (64, 4, 4, 8, 128), (32, 4, 4, 16, 64)]]
 
 
-def _rand(key, shape, dtype=jnp.bfloat16):
-  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
-
-
 def _try(fn):
   try:
     return fn()
@@ -81,7 +77,8 @@ def bench_prefill(sweep: bool, iterations: int):
   rows = []
   for (b, s, n, kh, h) in PREFILL_GRID:
     ks = jax.random.split(jax.random.key(b * s + n), 3)
-    q, k, v = _rand(ks[0], (b, s, n, h)), _rand(ks[1], (b, s, kh, h)), _rand(ks[2], (b, s, kh, h))
+    q = common.rand(ks[0], (b, s, n, h))
+    k, v = common.rand(ks[1], (b, s, kh, h)), common.rand(ks[2], (b, s, kh, h))
     flops = 2 * b * s * s * n * h  # causal: half of 4*B*T*S*N*H
     scale = 1 / math.sqrt(h)
     row = {"kind": "prefill", "B": b, "S": s, "N": n, "K": kh, "H": h, "dtype": "bfloat16",
@@ -154,8 +151,8 @@ def bench_decode(sweep: bool, iterations: int, copy_gbs: float, grid=None):
 
   def run_case(b, s, n, kh, h, lengths, t=1, label="full", baselines=True):
     ks = jax.random.split(jax.random.key(b * s + n + t), 3)
-    q = _rand(ks[0], (b, t, n, h))
-    k, v = _rand(ks[1], (b, s, kh, h)), _rand(ks[2], (b, s, kh, h))
+    q = common.rand(ks[0], (b, t, n, h))
+    k, v = common.rand(ks[1], (b, s, kh, h)), common.rand(ks[2], (b, s, kh, h))
     lengths = jnp.asarray(lengths, jnp.int32)
     cache = gp.KVCache(k=k, v=v, lengths=lengths, overflowed=jnp.zeros((b,), jnp.bool_))
     read_bytes = int(2 * np.sum(np.asarray(lengths)) * kh * h * 2)
@@ -238,9 +235,9 @@ def bench_decode_step(iterations: int, loop_steps: int = 9):
   rows = []
   for (b, s, n, kh, h) in STEP_GRID:
     ks = jax.random.split(jax.random.key(b + s + n), 5)
-    q = _rand(ks[0], (b, n, h))
-    k_new, v_new = _rand(ks[1], (b, 1, kh, h)), _rand(ks[2], (b, 1, kh, h))
-    cache = gp.KVCache(k=_rand(ks[3], (b, s, kh, h)), v=_rand(ks[4], (b, s, kh, h)),
+    q = common.rand(ks[0], (b, n, h))
+    k_new, v_new = common.rand(ks[1], (b, 1, kh, h)), common.rand(ks[2], (b, 1, kh, h))
+    cache = gp.KVCache(k=common.rand(ks[3], (b, s, kh, h)), v=common.rand(ks[4], (b, s, kh, h)),
                        lengths=jnp.full((b,), s - loop_steps, jnp.int32),
                        overflowed=jnp.zeros((b,), jnp.bool_))
 
