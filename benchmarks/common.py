@@ -34,6 +34,15 @@ def copy_bandwidth_gbs(num_bytes: int = 2 << 30) -> float:
   return 2 * x.nbytes / (ms * 1e-3) / 1e9
 
 
+def read_bandwidth_gbs(num_bytes: int = 4 << 30) -> float:
+  """Read-only bandwidth in GB/s: a float32-accumulated sum over ``num_bytes`` of bf16 (decode
+  only reads, so this is its ceiling)."""
+  x = jax.random.normal(jax.random.key(3), (num_bytes // 2,), jnp.bfloat16)
+  f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+  ms = measure_ms(f, x, iterations=20)
+  return x.nbytes / (ms * 1e-3) / 1e9
+
+
 def matmul_tflops(n: int = 8192) -> float:
   a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
   b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)

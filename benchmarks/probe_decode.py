@@ -15,7 +15,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import math
 import statistics
 
 import jax
@@ -26,10 +25,13 @@ from benchmarks import common
 
 common.quiet()
 
-from gqa_pallas import decode_triton  # pylint: disable=g-import-not-at-top
+import gqa_pallas as gp  # pylint: disable=g-import-not-at-top
+from gqa_pallas import devices, registry  # pylint: disable=g-import-not-at-top
+from gqa_pallas.triton.decode import DecodeConfig  # pylint: disable=g-import-not-at-top
+from gqa_pallas.validation import AttentionDims  # pylint: disable=g-import-not-at-top
 
 
-def _parse_config(text: str, base: decode_triton.DecodeConfig) -> decode_triton.DecodeConfig:
+def _parse_config(text: str, base: DecodeConfig) -> DecodeConfig:
   if text.strip() in ("", "default"):
     return base
   fields = {f.name: f.type for f in dataclasses.fields(base)}
@@ -80,8 +82,9 @@ def main(argv=None):
     k, v = common.rand(keys[1], (b, s, kh, h)), common.rand(keys[2], (b, s, kh, h))
     lengths = jnp.full((b,), s, jnp.int32)
     read_bytes = 2 * b * s * kh * h * 2
-    scale = 1 / math.sqrt(h)
-    base = decode_triton.default_config(h, jnp.bfloat16)
+    problem = registry.Problem("decode", AttentionDims(b, t, s, n, kh, h), "bfloat16",
+                               device=devices.current())
+    base = registry.get("triton").default_config(problem)
     print(f"== B{b} S{s} {n}:{kh} H{h} T{t}: {read_bytes / 1e6:.0f} MB", flush=True)
     if t == 1:
       cudnn = breakdown(jax.jit(lambda q, k, v, l: jax.nn.dot_product_attention(
@@ -93,8 +96,8 @@ def main(argv=None):
       results["rows"].append({"shape": shape, "config": "cudnn", **cudnn})
     for text in args.configs.split(";"):
       cfg = _parse_config(text, base)
-      fn = jax.jit(lambda q, k, v, l, cfg=cfg: decode_triton.decode_attention(
-          q, k, v, None, l, scale=scale, config=cfg))
+      fn = jax.jit(lambda q, k, v, l, cfg=cfg: gp.gqa_decode(
+          q, gp.KVCache(k, v, l), implementation="triton", config=cfg))
       try:
         times = breakdown(fn, q, k, v, lengths, iterations=args.iterations)
       except Exception as e:  # pylint: disable=broad-except

@@ -1,53 +1,73 @@
 """Writes ``docs/benchmarks.md`` (tables) and ``docs/img/*.png`` (plots) from a results JSON.
 
-    python -m benchmarks.report [benchmarks/results/nvidia-h100-80gb-hbm3.json]
+    python -m benchmarks.report [benchmarks/results/nvidia-h200.json]
 
 Every number in the page comes from the JSON that ``benchmarks.run`` wrote; nothing is typed by
 hand. Runs on any machine (no GPU needed).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT = os.path.join(ROOT, "benchmarks", "results", "nvidia-h100-80gb-hbm3.json")
+DEFAULT = os.path.join(ROOT, "benchmarks", "results", "nvidia-h200.json")
+OUR_BACKENDS = ("mosaic", "triton")  # columns shown when a row timed them
+_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
 def _f(x, fmt="{:.0f}"):
   return "-" if x is None else fmt.format(x)
 
 
+def _ratio(a, b):
+  return None if a is None or not b else a / b
+
+
+def _backend_columns(rows, key):
+  return [b for b in OUR_BACKENDS if any(b in r[key] for r in rows)]
+
+
 def prefill_table(rows):
-  out = ["| B | S | N:K | H | ours | cuDNN | XLA | Pallas-Triton `mha` (best) | ours / mha | "
-         "ours / cuDNN | rel. err vs f32 ref |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+  backends = _backend_columns(rows, "tflops")
+  head = (["B", "S", "N:K", "H", "ours (backend)"] + [f"`{b}`" for b in backends] +
+          ["cuDNN", "XLA", "Pallas-Triton `mha`", "Pallas Mosaic `attention_mgpu`",
+           "ours / cuDNN", "ours / mha", "rel. err vs f32 ref"])
+  out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     t = r["tflops"]
-    ratio_mha = t["ours"] / t["pl-triton"] if "pl-triton" in t else None
-    ratio_cudnn = t["ours"] / t["cudnn"] if "cudnn" in t else None
-    out.append(f"| {r['B']} | {r['S']} | {r['N']}:{r['K']} | {r['H']} | {_f(t.get('ours'))} | "
-               f"{_f(t.get('cudnn'))} | {_f(t.get('xla'))} | {_f(t.get('pl-triton'))} | "
-               f"{_f(ratio_mha, '{:.2f}')} | {_f(ratio_cudnn, '{:.2f}')} | "
-               f"{r['rel_err_vs_f32_ref']:.1e} |")
+    cells = [r["B"], r["S"], f"{r['N']}:{r['K']}", r["H"],
+             f"{_f(t.get('ours'))} ({r.get('ours_backend', 'triton')})"]
+    cells += [_f(t.get(b)) for b in backends]
+    cells += [_f(t.get("cudnn")), _f(t.get("xla")), _f(t.get("pl-triton")), _f(t.get("pl-mgpu")),
+              _f(_ratio(t.get("ours"), t.get("cudnn")), "{:.2f}"),
+              _f(_ratio(t.get("ours"), t.get("pl-triton")), "{:.2f}"),
+              f"{r['rel_err_vs_f32_ref']:.1e}"]
+    out.append("| " + " | ".join(str(c) for c in cells) + " |")
   return "\n".join(out)
 
 
-def decode_table(rows, copy_gbs):
-  out = ["| B | S_max | N:K | H | K+V MB | ours GB/s | of copy BW | cuDNN GB/s | XLA | jnp ref | "
-         "JAX Pallas `gqa` | ours us | cuDNN us | cuDNN time / ours |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def decode_table(rows, res):
+  read = res.get("read_gbs")
+  head = ["B", "S_max", "N:K", "H", "K+V MB", "ours GB/s (backend)"]
+  head += ["of read-only BW"] if read else []
+  head += ["of copy BW", "cuDNN GB/s", "XLA", "jnp ref", "JAX Pallas `gqa`", "ours us",
+           "cuDNN us", "cuDNN time / ours"]
+  out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     g, ms = r["gbs"], r["ms"]
-    ratio = ms["cudnn"] / ms["ours"] if "cudnn" in ms and "ours" in ms else None
-    out.append(
-        f"| {r['B']} | {r['S_max']} | {r['N']}:{r['K']} | {r['H']} | "
-        f"{r['kv_bytes_read'] / 1e6:.0f} | {_f(g.get('ours'))} | "
-        f"{_f(g.get('ours', 0) / copy_gbs, '{:.2f}')} | {_f(g.get('cudnn'))} | "
-        f"{_f(g.get('xla'))} | {_f(g.get('jnp-ref'))} | {_f(g.get('pl-gqa'))} | "
-        f"{_f(ms.get('ours', 0) * 1e3, '{:.1f}')} | {_f(ms.get('cudnn', 0) * 1e3, '{:.1f}')} | "
-        f"{_f(ratio, '{:.2f}')} |")
+    cells = [r["B"], r["S_max"], f"{r['N']}:{r['K']}", r["H"], f"{r['kv_bytes_read'] / 1e6:.0f}",
+             f"{_f(g.get('ours'))} ({r.get('ours_backend', 'triton')})"]
+    if read:
+      cells.append(_f(_ratio(g.get("ours"), read), "{:.2f}"))
+    cells += [_f(_ratio(g.get("ours"), res["copy_gbs"]), "{:.2f}"), _f(g.get("cudnn")),
+              _f(g.get("xla")), _f(g.get("jnp-ref")), _f(g.get("pl-gqa")),
+              _f(ms.get("ours", 0) * 1e3, "{:.1f}"),
+              _f(ms["cudnn"] * 1e3 if "cudnn" in ms else None, "{:.1f}"),
+              _f(_ratio(ms.get("cudnn"), ms.get("ours")), "{:.2f}")]
+    out.append("| " + " | ".join(str(c) for c in cells) + " |")
   return "\n".join(out)
 
 
@@ -96,7 +116,7 @@ def step_section(path):
   return out + [""]
 
 
-def plots(prefill, decode, copy_gbs, img_dir):
+def plots(prefill, decode, res, img_dir):
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
@@ -105,29 +125,53 @@ def plots(prefill, decode, copy_gbs, img_dir):
     return []
   os.makedirs(img_dir, exist_ok=True)
   made = []
-  for name, rows, key, ylabel, impls, ceiling in (
-      ("prefill", prefill, "tflops", "TFLOP/s (causal)", ["ours", "cudnn", "pl-triton", "xla"],
-       None),
+  ceilings = [("device copy", res["copy_gbs"], "--")]
+  if res.get("read_gbs"):
+    ceilings.append(("read-only", res["read_gbs"], ":"))
+  for name, rows, key, ylabel, impls, lines in (
+      ("prefill", prefill, "tflops", "TFLOP/s (causal)",
+       ["ours", "cudnn", "pl-triton", "pl-mgpu", "xla"], []),
       ("decode", decode, "gbs", "GB/s of K+V read", ["ours", "cudnn", "pl-gqa", "xla"],
-       copy_gbs)):
+       ceilings)):
+    impls = [i for i in impls if any(i in r[key] for r in rows)]
     labels = [f"B{r['B']} S{r.get('S', r.get('S_max'))}\n{r['N']}:{r['K']} H{r['H']}"
+              + (f" {_SHORT.get(r['dtype'], r['dtype'])}" if name == "prefill" else "")
               for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, ax = plt.subplots(figsize=(max(10, len(rows) * 0.9), 4))
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
       ax.bar([x + i * width for x in range(len(rows))], [r[key].get(impl, 0) for r in rows],
              width, label=impl)
-    if ceiling:
-      ax.axhline(ceiling, color="k", linestyle="--", linewidth=1, label="device copy")
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=8)
+    for label, value, style in lines:
+      ax.axhline(value, color="k", linestyle=style, linewidth=1, label=label)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=7)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    ax.set_title(f"{res['device']}, jax {res['jax']}", fontsize=9)
+    ax.legend(fontsize=8, ncol=len(impls) + len(lines), loc="upper center",
+              bbox_to_anchor=(0.5, -0.18))
     fig.tight_layout()
     path = os.path.join(img_dir, f"{name}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     made.append(path)
   return made
+
+
+def _history(main_path):
+  others = sorted(p for p in glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))
+                  if os.path.abspath(p) != os.path.abspath(main_path))
+  if not others:
+    return []
+  out = ["## Other result files", "",
+         "Earlier runs and tuning sweeps (raw JSON, same format; the H100 files are history from "
+         "before the GPU machine became an H200):", ""]
+  for p in others:
+    with open(p) as f:
+      res = json.load(f)
+    out.append(f"- `{os.path.relpath(p, ROOT)}`: {res.get('device', '?')}, jax "
+               f"{res.get('jax', '?')}, {res.get('date', '?')[:10]}"
+               f"{', sweep' if res.get('sweep') else ''}")
+  return out + [""]
 
 
 def main(argv=None):
@@ -141,8 +185,10 @@ def main(argv=None):
   ragged = [r for r in rows if r["kind"] == "decode" and r["label"].startswith("ragged")]
   t4 = [r for r in rows if r["kind"] == "decode" and r["label"] == "T4"]
   img_dir = os.path.join(ROOT, "docs", "img")
-  made = plots(prefill, decode, res["copy_gbs"], img_dir)
+  made = plots(prefill, decode, res, img_dir)
   rel = os.path.relpath(path, ROOT)
+  read = (f", read-only **{res['read_gbs']:.0f} GB/s** (an f32-accumulated sum over bf16)"
+          if res.get("read_gbs") else "")
   text = [
       "# Benchmarks",
       "",
@@ -150,25 +196,33 @@ def main(argv=None):
       "`python -m benchmarks.run` on the GPU machine). Do not edit by hand.",
       "",
       f"Device: **{res['device']}**, jax {res['jax']}, {res['date'][:10]}. Ceilings measured in "
-      f"the same run: device copy **{res['copy_gbs']:.0f} GB/s** (read + write), bf16 "
+      f"the same run: device copy **{res['copy_gbs']:.0f} GB/s** (read + write){read}, bf16 "
       f"8192^3 matmul **{res['matmul_tflops']:.0f} TFLOP/s**. Kernel times are CUPTI medians "
       "(`jax.experimental.mosaic.gpu.profiler.measure`), all implementations in one process; "
-      "random normal bf16 inputs. Ratios within this run are what to compare.",
+      "random normal inputs. Ratios within this run are what to compare. `ours` is what "
+      "`implementation=None` runs on this device; each of our backends that runs a shape is "
+      "also timed under its own name.",
       "",
-      "## Prefill (causal, bf16, T = S; TFLOP/s with causal FLOPs 2·B·S²·N·H)",
-      "",
-      "Pallas-Triton `mha` is JAX's own kernel (no GQA: K/V repeated beforehand, repeat not "
-      "timed; best of four block configs). Our kernel reads each K/V tile once per group.",
-      "",
-      prefill_table(prefill),
-      "",
+  ]
+  for dtype in sorted({r["dtype"] for r in prefill}):
+    text += [
+        f"## Prefill (causal, {dtype}, T = S; TFLOP/s with causal FLOPs 2·B·S²·N·H)",
+        "",
+        "Pallas-Triton `mha` and Mosaic `attention_mgpu` are JAX's own kernels (no GQA packing: "
+        "`mha` gets K/V repeated beforehand, repeat not timed; best of their block configs; "
+        "`attention_mgpu` runs fp16 only). Our kernels read each K/V tile once per group.",
+        "",
+        prefill_table([r for r in prefill if r["dtype"] == dtype]),
+        "",
+    ]
+  text += [
       "## Decode (one query token per row, full caches, bf16)",
       "",
       "GB/s = bytes of K and V actually read (per-row lengths) / time. cuDNN and XLA are "
       "`jax.nn.dot_product_attention(..., key_value_seq_lengths=...)`; `jnp ref` is this "
       "package's reference under `jit`; JAX Pallas `gqa` is `decode_attention.gqa`.",
       "",
-      decode_table(decode, res["copy_gbs"]),
+      decode_table(decode, res),
       "",
       "### Ragged lengths (B16, S_max 8192, 32:8, H128)",
       "",
@@ -185,13 +239,15 @@ def main(argv=None):
   text += [
       "## Tuning sweeps",
       "",
-      "The tuning tables in `gqa_pallas/prefill_triton.py` and `gqa_pallas/decode_triton.py` "
-      "come from `python -m benchmarks.run --sweep` runs on the same card; their raw results "
-      "are the `*-sweep*.json` files beside the main result. `python -m benchmarks.probe_decode` "
-      "times decode configurations on one shape with a per-kernel breakdown; its logs and "
-      "what each run tried are in `benchmarks/results/probes-*/` and `benchmarks/NOTES.md`.",
+      "The Triton tuning tables (`gqa_pallas/triton/prefill.py` and `gqa_pallas/triton/decode.py`,"
+      " one table per device kind) come from `python -m benchmarks.run --sweep` runs on that "
+      "card; their raw results are the `*-sweep*.json` files beside the main result. "
+      "`python -m benchmarks.probe_decode` times decode configurations on one shape with a "
+      "per-kernel breakdown; its logs and what each run tried are in "
+      "`benchmarks/results/probes-*/` and `benchmarks/NOTES.md`.",
       "",
   ]
+  text += _history(path)
   out = os.path.join(ROOT, "docs", "benchmarks.md")
   with open(out, "w") as f:
     f.write("\n".join(text))

@@ -1,15 +1,20 @@
 """One GPU run: ceilings, the anchor prefill grid and the anchor decode grid, side by side.
 
-    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill|decode|step] [--sweep] [--out FILE]
+    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill|decode|step] [--sweep]
+        [--dtypes bfloat16,float16] [--out FILE]
 
 Writes ``benchmarks/results/<device>.json`` (``--only step``: ``<device>-decode-step.json``; or
-``--out``) and prints a table. Kernel times are
-CUPTI medians (``benchmarks.common.measure_ms``); every row of one file comes from one process.
+``--out``) and prints a table. Every Pallas backend of the registry that runs a shape is timed
+under its own name; ``ours`` is the one ``implementation=None`` picks on this device. Kernel
+times are CUPTI medians (``benchmarks.common.measure_ms``); every row of one file comes from one
+process. ``--sweep`` times the Triton configs of ``PREFILL_SWEEP`` / ``DECODE_SWEEP`` (the tuning
+tables come from these runs).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -20,41 +25,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import common
+from benchmarks import common, shapes
 
 common.quiet()
 
 import gqa_pallas as gp  # pylint: disable=g-import-not-at-top
-from gqa_pallas import decode_triton, prefill_triton  # pylint: disable=g-import-not-at-top
-
-# (B, S, N, K, H), causal bf16, T == S.
-PREFILL_GRID = [(8, 2048, 32, 8, 128), (4, 4096, 32, 8, 128), (2, 8192, 32, 8, 128),
-                (1, 16384, 32, 8, 128), (8, 2048, 14, 2, 64), (2, 8192, 14, 2, 64)]
-# (B, S, N, K, H), one query token per row, full caches, bf16.
-DECODE_GRID = [(16, 2048, 8, 8, 64), (16, 2048, 32, 8, 128), (16, 8192, 32, 8, 128),
-               (64, 4096, 32, 8, 128), (1, 32768, 32, 8, 128), (16, 4096, 14, 2, 64),
-               (8, 16384, 28, 4, 128)]
-
-# (B, S_max, N, K, H) for the jit decode step (append + decode, cache donated).
-STEP_GRID = [(16, 8192, 32, 8, 128), (1, 32768, 32, 8, 128), (16, 4096, 14, 2, 64)]
+from gqa_pallas import devices, registry  # pylint: disable=g-import-not-at-top
+from gqa_pallas.triton.decode import DecodeConfig  # pylint: disable=g-import-not-at-top
+from gqa_pallas.triton.prefill import PrefillConfig  # pylint: disable=g-import-not-at-top
+from gqa_pallas.validation import AttentionDims  # pylint: disable=g-import-not-at-top
 
 PREFILL_SWEEP = {
-    64: [prefill_triton.PrefillConfig(*c) for c in
+    64: [PrefillConfig(*c) for c in
          [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2),
           (128, 64, 8, 2)]],
-    128: [prefill_triton.PrefillConfig(*c) for c in
+    128: [PrefillConfig(*c) for c in
           [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2),
            (64, 64, 4, 2)]],
 }
 # Only the split path is swept (the single-split path is fixed by the tuning table).
-DECODE_SWEEP = [decode_triton.DecodeConfig(bk, w, st, programs_per_sm=p, min_split_keys=mk,
-                                           single_split_max_length=0)
+DECODE_SWEEP = [DecodeConfig(bk, w, st, programs_per_sm=p, min_split_keys=mk,
+                             single_split_max_length=0)
                 for (bk, w, st, p, mk) in [
                     (64, 4, 3, 2, 256), (64, 4, 3, 4, 256), (64, 4, 4, 4, 256),
-                    (64, 4, 5, 4, 256), (64, 8, 3, 4, 256), (64, 2, 3, 4, 256),
+                    (64, 4, 5, 4, 256), (64, 4, 3, 8, 256), (64, 2, 3, 4, 256),
                     (32, 4, 4, 4, 128), (32, 4, 6, 8, 128), (32, 2, 4, 8, 128),
                     (64, 4, 3, 8, 128), (128, 4, 2, 4, 256), (128, 8, 3, 2, 256),
                     (64, 4, 4, 8, 128), (32, 4, 4, 16, 64)]]
+
+# JAX's Pallas Mosaic GPU attention (fp16 only: its shared buffers are fp16), best of these
+# (block_q, block_kv, max_concurrent_steps).
+PL_MGPU_CONFIGS = [(64, 64, 2), (64, 128, 2), (64, 128, 3)]
 
 
 def _try(fn):
@@ -72,118 +73,165 @@ def _rel_err(out, ref):
   return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def bench_prefill(sweep: bool, iterations: int):
+def _backends(op, dims, dtype):
+  """(the default backend's name, the Pallas backends that run this shape on this device)."""
+  problem = registry.Problem(op, dims, jnp.dtype(dtype).name, device=devices.current())
+  default = registry.resolve(None, problem).name
+  names = [n for n in gp.IMPLEMENTATIONS
+           if n != "xla" and op in registry.get(n).ops
+           and registry.get(n).unsupported(problem) is None]
+  return default, names
+
+
+class _Results(list):
+  """The rows of one run; every ``append`` rewrites the JSON, so a run cut short keeps what it
+  measured."""
+
+  def __init__(self, path, header):
+    super().__init__()
+    self.path, self.header = path, header
+
+  def append(self, row):
+    super().append(row)
+    self.save()
+
+  def save(self):
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    with open(self.path, "w") as f:
+      json.dump(dict(self.header, rows=list(self)), f, indent=1)
+
+
+class _Row(dict):
+  """One result row: ``ms`` per implementation and the derived rate under ``rate_key``."""
+
+  def __init__(self, rate_key, work, **fields):
+    super().__init__(ms={}, **{rate_key: {}}, **fields)
+    self.rate_key, self.work = rate_key, work
+
+  def record(self, name, fn, *args, iterations):
+    ms = _try(lambda: common.measure_ms(jax.jit(fn), *args, iterations=iterations))
+    if isinstance(ms, float):
+      self["ms"][name] = ms
+      self[self.rate_key][name] = self.work / (ms * 1e-3) / (1e12 if self.rate_key == "tflops"
+                                                             else 1e9)
+    else:
+      self.setdefault("errors", {})[name] = ms
+
+  def best_of(self, prefix, label):
+    """Copies the best ``prefix[...]`` entry to ``label`` (and names it)."""
+    cands = {k: v for k, v in self[self.rate_key].items() if k.startswith(prefix + "[")}
+    if cands:
+      best = max(cands, key=cands.get)
+      self[self.rate_key][label], self["ms"][label] = cands[best], self["ms"][best]
+      self[f"best_{label}"] = best
+
+  def alias(self, name, label):
+    if name in self["ms"]:
+      self["ms"][label], self[self.rate_key][label] = self["ms"][name], self[self.rate_key][name]
+
+
+def bench_prefill(sweep: bool, iterations: int, dtypes, rows):
+  """Appends one row per (dtype, shape) to ``rows`` (a ``_Results``, saved as it grows)."""
+  for dtype in dtypes:
+    for (b, s, n, kh, h) in shapes.PREFILL_GRID:
+      ks = jax.random.split(jax.random.key(b * s + n), 3)
+      q = common.rand(ks[0], (b, s, n, h), dtype)
+      k, v = common.rand(ks[1], (b, s, kh, h), dtype), common.rand(ks[2], (b, s, kh, h), dtype)
+      flops = 2 * b * s * s * n * h  # causal: half of 4*B*T*S*N*H
+      scale = 1 / math.sqrt(h)
+      default, backends = _backends("prefill", AttentionDims(b, s, s, n, kh, h), dtype)
+      row = _Row("tflops", flops, kind="prefill", B=b, S=s, N=n, K=kh, H=h,
+                 dtype=jnp.dtype(dtype).name, causal=True, flops=flops, ours_backend=default)
+      record = functools.partial(row.record, iterations=iterations)
+
+      for name in backends:
+        configs = PREFILL_SWEEP[h] if sweep and name == "triton" else [None]
+        for cfg in configs:
+          label = name if cfg is None else (
+              f"{name}[{cfg.block_m},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}]")
+          record(label, lambda q, k, v, name=name, cfg=cfg: gp.gqa_attention(
+              q, k, v, implementation=name, config=cfg), q, k, v)
+        if sweep and name == "triton":
+          row.best_of("triton", "triton")
+      row.alias(default, "ours")
+      record("cudnn", lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, implementation="cudnn"), q, k, v)
+      if not sweep:  # a sweep compares our configs (and cuDNN) only
+        _prefill_baselines(record, row, q, k, v, scale)
+      # Correctness of the default backend on this very input, against cuDNN and a float32
+      # reference on the first kv group of batch row 0 (the full reference would not fit).
+      out = gp.gqa_attention(q, k, v)
+      g, sl = n // kh, min(s, 4096)
+      ref = gp.attention_reference(q[:1, -sl:, :g], k[:1, :, :1], v[:1, :, :1],
+                                   q_offset=jnp.array([s - sl]))
+      row["rel_err_vs_f32_ref"] = _rel_err(out[:1, -sl:, :g], ref)
+      cud = _try(lambda: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                      implementation="cudnn"))
+      if not isinstance(cud, str):
+        row["rel_err_vs_cudnn"] = _rel_err(out, cud)
+      rows.append(row)
+      t = row["tflops"]
+      print(f"prefill {row['dtype']} B{b} S{s} {n}:{kh} H{h}: ours ({default}) "
+            f"{t.get('ours', 0):.0f}  cudnn {t.get('cudnn', 0):.0f}  xla {t.get('xla', 0):.0f}  "
+            f"pl-triton {t.get('pl-triton', 0):.0f}  pl-mgpu {t.get('pl-mgpu', 0):.0f} TFLOP/s  "
+            f"err {row['rel_err_vs_f32_ref']:.2e}", flush=True)
+
+
+def _prefill_baselines(record, row, q, k, v, scale):
+  """XLA and JAX's own Pallas kernels on the same inputs."""
   from jax.experimental.pallas.ops.gpu import attention as pl_attention  # pylint: disable=g-import-not-at-top
-  rows = []
-  for (b, s, n, kh, h) in PREFILL_GRID:
-    ks = jax.random.split(jax.random.key(b * s + n), 3)
-    q = common.rand(ks[0], (b, s, n, h))
-    k, v = common.rand(ks[1], (b, s, kh, h)), common.rand(ks[2], (b, s, kh, h))
-    flops = 2 * b * s * s * n * h  # causal: half of 4*B*T*S*N*H
-    scale = 1 / math.sqrt(h)
-    row = {"kind": "prefill", "B": b, "S": s, "N": n, "K": kh, "H": h, "dtype": "bfloat16",
-           "causal": True, "flops": flops, "ms": {}, "tflops": {}}
-
-    def record(name, fn, *args):
-      ms = _try(lambda: common.measure_ms(jax.jit(fn), *args, iterations=iterations))
-      if isinstance(ms, float):
-        row["ms"][name] = ms
-        row["tflops"][name] = flops / (ms * 1e-3) / 1e12
-      else:
-        row.setdefault("errors", {})[name] = ms
-
-    configs = PREFILL_SWEEP[h] if sweep else [prefill_triton.default_config(h, jnp.bfloat16)]
-    for cfg in configs:
-      name = "ours" if not sweep else f"ours[{cfg.block_m},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}]"
-      record(name, lambda q, k, v, cfg=cfg: prefill_triton.prefill_attention(
-          q, k, v, jnp.zeros((b,), jnp.int32), jnp.full((b,), s, jnp.int32), causal=True,
-          scale=scale, config=cfg), q, k, v)
-    if sweep:
-      ours = {kk: vv for kk, vv in row["tflops"].items() if kk.startswith("ours[")}
-      if ours:
-        best = max(ours, key=ours.get)
-        row["best_ours"] = best
-        row["tflops"]["ours"] = ours[best]
-        row["ms"]["ours"] = row["ms"][best]
-    record("cudnn", lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="cudnn"), q, k, v)
-    record("xla", lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="xla"), q, k, v)
-    # JAX's Pallas-Triton mha has no GQA: K/V repeated beforehand, the repeat is not timed.
-    g = n // kh
-    kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-    best = None
-    for bq, bk, nw in ((128, 64, None), (128, 128, None), (64, 64, None), (128, 64, 4)):
-      name = f"pl-triton[{bq},{bk},{nw}]"
-      record(name, lambda q, k, v, bq=bq, bk=bk, nw=nw: pl_attention.mha(
-          q, k, v, None, sm_scale=scale, causal=True,
-          block_sizes=pl_attention.BlockSizes(block_q=bq, block_k=bk), num_warps=nw), q, kr, vr)
-      if name in row["tflops"] and (best is None or row["tflops"][name] > row["tflops"][best]):
-        best = name
-    if best:
-      row["tflops"]["pl-triton"] = row["tflops"][best]
-      row["ms"]["pl-triton"] = row["ms"][best]
-      row["best_pl_triton"] = best
-    del kr, vr
-    # Correctness of our kernel on this very input, against cuDNN and a float32 XLA reference on
-    # the first 2 heads' worth of batch row 0 (the full reference would not fit for S = 16k).
-    out = prefill_triton.prefill_attention(q, k, v, jnp.zeros((b,), jnp.int32),
-                                           jnp.full((b,), s, jnp.int32), causal=True, scale=scale)
-    sl = min(s, 4096)
-    ref = gp.attention_reference(q[:1, -sl:, :g], k[:1, :, :1], v[:1, :, :1],
-                                 q_offset=jnp.array([s - sl]))
-    row["rel_err_vs_f32_ref"] = _rel_err(out[:1, -sl:, :g], ref)
-    cud = _try(lambda: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                    implementation="cudnn"))
-    if not isinstance(cud, str):
-      row["rel_err_vs_cudnn"] = _rel_err(out, cud)
-    rows.append(row)
-    t = row["tflops"]
-    print(f"prefill B{b} S{s} {n}:{kh} H{h}: ours {t.get('ours', 0):.0f}  cudnn "
-          f"{t.get('cudnn', 0):.0f}  xla {t.get('xla', 0):.0f}  pl-triton "
-          f"{t.get('pl-triton', 0):.0f} TFLOP/s  err {row['rel_err_vs_f32_ref']:.2e}", flush=True)
-  return rows
+  from jax.experimental.pallas.ops.gpu import attention_mgpu as pl_mgpu  # pylint: disable=g-import-not-at-top
+  record("xla", lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation="xla"), q, k, v)
+  # JAX's Pallas-Triton mha has no GQA: K/V repeated beforehand, the repeat is not timed.
+  g = q.shape[2] // k.shape[2]
+  kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  for bq, bk, nw in ((128, 64, None), (128, 128, None), (64, 64, None), (128, 64, 4)):
+    record(f"pl-triton[{bq},{bk},{nw}]", lambda q, k, v, bq=bq, bk=bk, nw=nw: pl_attention.mha(
+        q, k, v, None, sm_scale=scale, causal=True,
+        block_sizes=pl_attention.BlockSizes(block_q=bq, block_k=bk), num_warps=nw), q, kr, vr)
+  row.best_of("pl-triton", "pl-triton")
+  del kr, vr
+  if q.dtype == jnp.float16:  # it keeps its shared-memory buffers in fp16
+    for bq, bkv, st in PL_MGPU_CONFIGS:
+      cfg = pl_mgpu.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=st, causal=True)
+      # (It applies no logit scale; the timing does not depend on it.)
+      record(f"pl-mgpu[{bq},{bkv},{st}]", lambda q, k, v, cfg=cfg: pl_mgpu.attention(
+          q, k, v, cfg), q, k, v)
+    row.best_of("pl-mgpu", "pl-mgpu")
 
 
-def bench_decode(sweep: bool, iterations: int, copy_gbs: float, grid=None):
+def bench_decode(sweep: bool, iterations: int, ceilings: dict, rows, grid=None):
+  """Appends the decode rows to ``rows``: the grid, ragged lengths and T = 4."""
   from jax.experimental.pallas.ops.gpu import decode_attention as pl_decode  # pylint: disable=g-import-not-at-top
-  rows = []
 
   def run_case(b, s, n, kh, h, lengths, t=1, label="full", baselines=True):
     ks = jax.random.split(jax.random.key(b * s + n + t), 3)
     q = common.rand(ks[0], (b, t, n, h))
     k, v = common.rand(ks[1], (b, s, kh, h)), common.rand(ks[2], (b, s, kh, h))
-    lengths = jnp.asarray(lengths, jnp.int32)
-    cache = gp.KVCache(k=k, v=v, lengths=lengths, overflowed=jnp.zeros((b,), jnp.bool_))
+    cache = gp.KVCache(k, v, jnp.asarray(lengths, jnp.int32))
     read_bytes = int(2 * np.sum(np.asarray(lengths)) * kh * h * 2)
-    row = {"kind": "decode", "label": label, "B": b, "S_max": s, "N": n, "K": kh, "H": h, "T": t,
-           "dtype": "bfloat16", "mean_length": float(np.mean(np.asarray(lengths))),
-           "kv_bytes_read": read_bytes, "ms": {}, "gbs": {}}
-
-    def record(name, fn, *args):
-      ms = _try(lambda: common.measure_ms(jax.jit(fn), *args, iterations=iterations))
-      if isinstance(ms, float):
-        row["ms"][name] = ms
-        row["gbs"][name] = read_bytes / (ms * 1e-3) / 1e9
-      else:
-        row.setdefault("errors", {})[name] = ms
-
+    default, backends = _backends("decode", AttentionDims(b, t, s, n, kh, h), jnp.bfloat16)
+    row = _Row("gbs", read_bytes, kind="decode", label=label, B=b, S_max=s, N=n, K=kh, H=h, T=t,
+               dtype="bfloat16", mean_length=float(np.mean(np.asarray(lengths))),
+               kv_bytes_read=read_bytes, ours_backend=default)
+    record = functools.partial(row.record, iterations=iterations)
     scale = 1 / math.sqrt(h)
-    configs = DECODE_SWEEP if sweep else [decode_triton.default_config(h, jnp.bfloat16)]
-    for cfg in configs:
-      name = "ours" if not sweep else (f"ours[{cfg.block_k},{cfg.num_warps},{cfg.num_stages},"
-                                       f"{cfg.programs_per_sm},{cfg.min_split_keys}]")
-      record(name, lambda q, c, cfg=cfg: decode_triton.decode_attention(
-          q, c.k, c.v, None, c.lengths, scale=scale, config=cfg), q, cache)
-    if sweep:
-      ours = {kk: vv for kk, vv in row["gbs"].items() if kk.startswith("ours[")}
-      if ours:
-        best = max(ours, key=ours.get)
-        row["best_ours"] = best
-        row["gbs"]["ours"], row["ms"]["ours"] = ours[best], row["ms"][best]
+    for name in backends:
+      configs = DECODE_SWEEP if sweep and name == "triton" else [None]
+      for cfg in configs:
+        label_ = name if cfg is None else (f"{name}[{cfg.block_k},{cfg.num_warps},"
+                                           f"{cfg.num_stages},{cfg.programs_per_sm},"
+                                           f"{cfg.min_split_keys}]")
+        record(label_, lambda q, c, name=name, cfg=cfg: gp.gqa_decode(
+            q, c, implementation=name, config=cfg), q, cache)
+      if sweep and name == "triton":
+        row.best_of("triton", "triton")
+    row.alias(default, "ours")
     if baselines and t == 1:
       record("cudnn", lambda q, c: jax.nn.dot_product_attention(
           q, c.k, c.v, key_value_seq_lengths=c.lengths, implementation="cudnn"), q, cache)
+    if baselines and t == 1 and not sweep:  # a sweep compares our configs (and cuDNN) only
       record("xla", lambda q, c: jax.nn.dot_product_attention(
           q, c.k, c.v, key_value_seq_lengths=c.lengths, implementation="xla"), q, cache)
       record("jnp-ref", lambda q, c: gp.gqa_decode(q, c, implementation="xla"), q, cache)
@@ -192,38 +240,40 @@ def bench_decode(sweep: bool, iterations: int, copy_gbs: float, grid=None):
     out = gp.gqa_decode(q, cache)
     ref = gp.gqa_decode(q, cache, implementation="xla")
     row["rel_err_vs_f32_ref"] = _rel_err(out, ref)
-    row["copy_gbs"] = copy_gbs
-    row["frac_of_copy"] = row["gbs"].get("ours", 0) / copy_gbs
+    row["copy_gbs"], row["read_gbs"] = ceilings["copy_gbs"], ceilings["read_gbs"]
+    row["frac_of_copy"] = row["gbs"].get("ours", 0) / ceilings["copy_gbs"]
+    row["frac_of_read"] = row["gbs"].get("ours", 0) / ceilings["read_gbs"]
     rows.append(row)
     gb = row["gbs"]
     print(f"decode {label} B{b} S{s} {n}:{kh} H{h} T{t} ({read_bytes / 1e6:.0f} MB): ours "
-          f"{gb.get('ours', 0):.0f} ({row['frac_of_copy']:.2f} of copy) cudnn "
+          f"({default}) {gb.get('ours', 0):.0f} ({row['frac_of_read']:.2f} of read-only) cudnn "
           f"{gb.get('cudnn', 0):.0f} xla {gb.get('xla', 0):.0f} pl-gqa {gb.get('pl-gqa', 0):.0f}"
-          f" GB/s  ms ours {row['ms'].get('ours', 0):.4f} cudnn {row['ms'].get('cudnn', 0):.4f}"
-          f"  err {row['rel_err_vs_f32_ref']:.2e}", flush=True)
+          f" GB/s  us ours {row['ms'].get('ours', 0) * 1e3:.1f} cudnn "
+          f"{row['ms'].get('cudnn', 0) * 1e3:.1f}  err {row['rel_err_vs_f32_ref']:.2e}",
+          flush=True)
     return row
 
-  for (b, s, n, kh, h) in (grid or DECODE_GRID):
+  for (b, s, n, kh, h) in (grid or shapes.DECODE_GRID):
     run_case(b, s, n, kh, h, np.full((b,), s))
   if grid:
-    return rows
+    return
   # Ragged lengths against the full cache, and T = 4.
-  b, s, n, kh, h = 16, 8192, 32, 8, 128
+  b, s, n, kh, h = shapes.RAGGED_DECODE
   rng = np.random.default_rng(0)
   full = run_case(b, s, n, kh, h, np.full((b,), s), label="ragged-base")
   for hi, label in ((s, "ragged-50"), (s // 2, "ragged-25")):
     row = run_case(b, s, n, kh, h, rng.integers(0, hi + 1, size=(b,)), label=label)
     row["time_vs_full"] = {kk: row["ms"][kk] / full["ms"][kk] for kk in row["ms"]
                            if kk in full["ms"]}
-  for (b, s, n, kh, h) in ([] if sweep else DECODE_GRID):
-    base = next(r for r in rows if r["label"] == "full" and (r["B"], r["S_max"], r["N"], r["K"],
-                                                             r["H"]) == (b, s, n, kh, h))
+  for (b, s, n, kh, h) in ([] if sweep else shapes.DECODE_GRID):
+    base = next(r for r in rows if r.get("label") == "full" and (
+        r["B"], r["S_max"], r["N"], r["K"], r["H"]) == (b, s, n, kh, h))
     row = run_case(b, s, n, kh, h, np.full((b,), s), t=4, label="T4", baselines=False)
     row["time_vs_T1"] = row["ms"].get("ours", float("nan")) / base["ms"].get("ours", float("nan"))
-  return rows
+    rows.save()
 
 
-def bench_decode_step(iterations: int, loop_steps: int = 9):
+def bench_decode_step(iterations: int, rows, loop_steps: int = 9):
   """The per-step cost of a jit decode loop (``KVCache.append`` of one token, then
   ``gqa_decode``), against the decode call alone on the same cache.
 
@@ -232,14 +282,12 @@ def bench_decode_step(iterations: int, loop_steps: int = 9):
   non-donated input cache into the loop cancels out. Separately, one call of a single step
   with the cache donated checks that the donated buffers are consumed (updated in place).
   """
-  rows = []
-  for (b, s, n, kh, h) in STEP_GRID:
+  for (b, s, n, kh, h) in shapes.STEP_GRID:
     ks = jax.random.split(jax.random.key(b + s + n), 5)
     q = common.rand(ks[0], (b, n, h))
     k_new, v_new = common.rand(ks[1], (b, 1, kh, h)), common.rand(ks[2], (b, 1, kh, h))
-    cache = gp.KVCache(k=common.rand(ks[3], (b, s, kh, h)), v=common.rand(ks[4], (b, s, kh, h)),
-                       lengths=jnp.full((b,), s - loop_steps, jnp.int32),
-                       overflowed=jnp.zeros((b,), jnp.bool_))
+    cache = gp.KVCache(common.rand(ks[3], (b, s, kh, h)), common.rand(ks[4], (b, s, kh, h)),
+                       jnp.full((b,), s - loop_steps, jnp.int32))
 
     def step(cache, q, k_new, v_new):
       cache = cache.append(k_new, v_new)
@@ -271,13 +319,14 @@ def bench_decode_step(iterations: int, loop_steps: int = 9):
           f"{kernel_ms * 1e3:.1f} us ({row['step_over_kernel']:.3f}x); loop of 1 "
           f"{one * 1e3:.1f} us, of {loop_steps} {many * 1e3:.1f} us; donated buffers consumed "
           f"{in_place}", flush=True)
-  return rows
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--only", choices=["prefill", "decode", "step"], default=None)
-  parser.add_argument("--sweep", action="store_true", help="time several kernel configs")
+  parser.add_argument("--sweep", action="store_true", help="time several Triton configs")
+  parser.add_argument("--dtypes", default="bfloat16,float16",
+                      help="prefill input dtypes, comma-separated")
   parser.add_argument("--iterations", type=int, default=30)
   parser.add_argument("--out", default=None)
   parser.add_argument("--decode-shapes", default=None,
@@ -287,29 +336,30 @@ def main(argv=None):
   if info["platform"] != "gpu":
     sys.exit("benchmarks need a CUDA GPU")
   result = dict(info, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                sweep=args.sweep, rows=[])
+                sweep=args.sweep)
   result["copy_gbs"] = common.copy_bandwidth_gbs()
+  result["read_gbs"] = common.read_bandwidth_gbs()
   result["matmul_tflops"] = common.matmul_tflops()
-  print(f"{info['device']} jax {info['jax']}: copy {result['copy_gbs']:.0f} GB/s, bf16 matmul "
-        f"{result['matmul_tflops']:.0f} TFLOP/s", flush=True)
-  if args.only in (None, "prefill"):
-    result["rows"] += bench_prefill(args.sweep, args.iterations)
-  if args.only in (None, "decode"):
-    grid = None
-    if args.decode_shapes:
-      grid = [tuple(int(x) for x in shape.split(",")) for shape in args.decode_shapes.split(";")]
-    result["rows"] += bench_decode(args.sweep, args.iterations, result["copy_gbs"], grid)
-  if args.only == "step":
-    result["rows"] += bench_decode_step(args.iterations)
+  print(f"{info['device']} jax {info['jax']}: copy {result['copy_gbs']:.0f} GB/s, read-only "
+        f"{result['read_gbs']:.0f} GB/s, bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s",
+        flush=True)
   name = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
   if args.only == "step":
     name += "-decode-step"
   out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
+  rows = _Results(out, result)
+  if args.only in (None, "prefill"):
+    dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
+    bench_prefill(args.sweep, args.iterations, dtypes, rows)
+  if args.only in (None, "decode"):
+    grid = None
+    if args.decode_shapes:
+      grid = [tuple(int(x) for x in shape.split(",")) for shape in args.decode_shapes.split(";")]
+    bench_decode(args.sweep, args.iterations, result, rows, grid)
+  if args.only == "step":
+    bench_decode_step(args.iterations, rows)
+  rows.save()
   print("wrote", out)
-
 
 if __name__ == "__main__":
   main()

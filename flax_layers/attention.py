@@ -172,11 +172,8 @@ class GQAAttention(nn.Module):
                                   lambda: jnp.zeros((key.shape[0],), jnp.int32))
       if is_initialized:  # Otherwise (init): allocate, then run the plain path, as Flax does.
         collection = (cached_key, cached_value, cache_index)
-        k_all = cached_key.value
-        cache = KVCache(k=k_all, v=cached_value.value,
-                        lengths=jnp.broadcast_to(cache_index.value, k_all.shape[:1]).astype(
-                            jnp.int32),
-                        overflowed=jnp.zeros(k_all.shape[:1], jnp.bool_))
+        cache = core.cache_from_variables(cached_key.value, cached_value.value,
+                                          cache_index.value)
 
     if self.dropout_rate > 0.0:
       m_deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
@@ -343,11 +340,8 @@ class GQAAttentionNNX(nnx.Module):
       query, key = self.query_ln(query), self.key_ln(key)
 
     if use_collection:
-      k_all = self.cached_key[...]
-      cache = KVCache(k=k_all, v=self.cached_value[...],
-                      lengths=jnp.broadcast_to(self.cache_index[...], k_all.shape[:1]).astype(
-                          jnp.int32),
-                      overflowed=jnp.zeros(k_all.shape[:1], jnp.bool_))
+      cache = core.cache_from_variables(self.cached_key[...], self.cached_value[...],
+                                        self.cache_index[...])
 
     if self.dropout_rate > 0.0:
       deterministic = first_from(deterministic, self.deterministic,
@@ -412,9 +406,8 @@ class GQAAttentionNNX(nnx.Module):
     """The decode cache as a ``KVCache`` (after ``init_cache``)."""
     if self.cached_key is None:
       raise ValueError("Autoregressive cache not initialized, call ``init_cache`` first.")
-    k = self.cached_key[...]
-    return KVCache(k=k, v=self.cached_value[...], lengths=self.cache_index[...],
-                   overflowed=jnp.zeros(k.shape[:1], jnp.bool_))
+    return core.cache_from_variables(self.cached_key[...], self.cached_value[...],
+                                     self.cache_index[...])
 
   def set_view(self, deterministic: bool | None = None, decode: bool | None = None,
                batch_size: int | None = None, max_length: int | None = None):

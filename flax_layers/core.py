@@ -33,10 +33,8 @@ from gqa_pallas.cache import KVCache
 Array = jax.Array
 
 # At most this many new tokens per row go through ``gqa_decode``; longer chunks through
-# ``gqa_attention`` over the cache (the decode entry point refuses T > 16).
-DECODE_MAX_NEW_TOKENS = 16
-
-_KERNEL_DTYPES = tuple(jnp.dtype(d) for d in validation.SUPPORTED_DTYPES)
+# ``gqa_attention`` over the cache.
+DECODE_MAX_NEW_TOKENS = validation.MAX_DECODE_QUERIES
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,10 +194,9 @@ def masked_attention(q, k, v, *, mask=None, bias=None, scale=None, kv_lengths=No
     scale = 1.0 / math.sqrt(h)
   visible = jnp.ones((1, 1, 1, s), jnp.bool_)
   if kv_lengths is not None:
-    key_valid = jnp.arange(s, dtype=jnp.int32)[None, :] < kv_lengths[:, None]  # [B, S]
-    visible = visible & key_valid[:, None, None, :]
-    k = jnp.where(key_valid[:, :, None, None], k, 0)
-    v = jnp.where(key_valid[:, :, None, None], v, 0)
+    no_offset = jnp.zeros_like(kv_lengths)
+    visible = reference.visibility_mask(1, s, no_offset, kv_lengths, False)[:, None]
+    k, v = reference.zero_invalid_keys(k, v, kv_lengths)
   if mask is not None:
     mask = jnp.asarray(mask)
     visible = visible & (mask if mask.dtype == jnp.bool_ else mask != 0)
@@ -209,12 +206,8 @@ def masked_attention(q, k, v, *, mask=None, bias=None, scale=None, kv_lengths=No
   logits = logits.reshape(b, n, t, s) * jnp.asarray(scale, cdt)
   if bias is not None:
     logits = logits + jnp.asarray(bias).astype(cdt)
-  logits = jnp.where(visible, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
-  p = jnp.where(visible, jnp.exp(logits - row_max), 0)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  weights = jnp.where(denom > 0, p / jnp.where(denom > 0, denom, 1), 0)
+  p, denom, _ = reference.softmax_parts(logits, visible)
+  weights = reference.normalize(p, denom)
   if sow_fn is not None:
     sow_fn(weights.astype(q.dtype))
   if not deterministic and dropout_rate > 0.0:
@@ -240,8 +233,15 @@ def sow_fn_for(module) -> Callable[[Array], Any] | None:
 
 
 def kernel_dtype_ok(*xs) -> bool:
-  return all(jnp.dtype(x.dtype) in _KERNEL_DTYPES for x in xs) and len(
+  return all(validation.is_supported_dtype(x.dtype) for x in xs) and len(
       {jnp.dtype(x.dtype) for x in xs}) == 1
+
+
+def cache_from_variables(cached_key, cached_value, cache_index) -> KVCache:
+  """The ``KVCache`` view of Flax's decode variables (``cached_key``/``cached_value``
+  ``[B, S, K, H]``, ``cache_index`` int32 ``[B]`` or a scalar shared by every row)."""
+  lengths = jnp.broadcast_to(cache_index, cached_key.shape[:1]).astype(jnp.int32)
+  return KVCache(cached_key, cached_value, lengths)
 
 
 # --------------------------------------------------------------------------------------------

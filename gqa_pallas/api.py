@@ -1,62 +1,36 @@
-"""Public entry points and dispatch: validate once, then run one backend.
+"""Public entry points: validate once, fill the defaults, let the registry pick a backend, run it.
 
-Backends (``implementation=``):
-  * ``"triton"``: the Pallas kernels lowered through Triton (any sm80+ GPU; ``interpret=True`` runs
-    the same kernel code on the CPU).
-  * ``"xla"``: the ``jit``-compiled reference.
-  * ``None``: the fastest available: ``"triton"`` on a CUDA GPU (or whenever ``interpret=True``),
-    ``"xla"`` elsewhere.
+``implementation=`` names a backend (``gqa_pallas.IMPLEMENTATIONS``) or is ``None`` for the
+device's preference (``gqa_pallas.registry``); ``config=`` is that backend's static config for the
+op (``None``: its default for the shape and device).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
+import jax.numpy as jnp
 
-from gqa_pallas import decode_triton, prefill_triton, reference, validation
+from gqa_pallas import devices, reference, registry, validation, vjp
 from gqa_pallas.cache import KVCache
 
-IMPLEMENTATIONS = ("triton", "xla")
 
-
-def _on_gpu() -> bool:
-  """Whether the default backend is a GPU (the Triton kernels need sm80+ CUDA GPUs)."""
-  try:
-    return jax.default_backend() == "gpu"
-  except RuntimeError:
-    return False
-
-
-def resolve_implementation(implementation, interpret: bool) -> str:
-  if implementation is None:
-    return "triton" if (interpret or _on_gpu()) else "xla"
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None; got "
-                     f"{implementation!r}.")
-  if implementation == "xla" and interpret:
-    raise ValueError("interpret=True runs a Pallas kernel; it needs implementation='triton' or None.")
-  return implementation
-
-
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "return_lse"))
-def _xla_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse):
-  return reference.attention_reference(q, k, v, causal=causal, q_offset=q_offset,
-                                       kv_lengths=kv_lengths, scale=scale, return_lse=return_lse)
-
-
-def _prepare(q, k, v, q_offset, kv_lengths, scale, implementation, interpret):
-  """Validates once and fills the defaults: ``(impl, q_offset, kv_lengths, scale)``."""
+def _plan(op, q, k, v, q_offset, kv_lengths, scale, implementation, interpret, config, causal):
+  """Validates once and fills the defaults: ``(backend, config, q_offset, kv_lengths, scale,
+  problem)``."""
   dims, q_offset, kv_lengths = validation.validate_attention(q, k, v, q_offset, kv_lengths)
   validation.check_scale(scale)
-  impl = resolve_implementation(implementation, interpret)
+  problem = registry.Problem(op, dims, jnp.dtype(q.dtype).name, causal=bool(causal),
+                             interpret=bool(interpret), device=devices.current())
+  backend = registry.resolve(implementation, problem)
+  config = registry.check_config(backend, op, config, problem)
   q_offset, kv_lengths = reference.resolve_positions(dims, q_offset, kv_lengths)
   scale = float(1.0 / math.sqrt(dims.head_dim) if scale is None else scale)
-  return impl, q_offset, kv_lengths, scale
+  return backend, config, q_offset, kv_lengths, scale, problem
 
 
 def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale=None,
-                  implementation=None, interpret=False, return_lse=False):
+                  implementation=None, interpret=False, return_lse=False, config=None):
   """Causal (or full) grouped-query attention with the reference's semantics.
 
   Args:
@@ -65,32 +39,38 @@ def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale
     q_offset: ``int32[B]`` position of each row's first query; default ``kv_lengths - T``.
     kv_lengths: ``int32[B]`` valid keys per row; default ``S``. Slots past it are never read.
     scale: logit scale, default ``1/sqrt(H)``.
-    implementation: ``"triton"``, ``"xla"`` or ``None`` (fastest available).
-    interpret: run the Pallas kernel in interpret mode (CPU).
+    implementation: a backend name (``gqa_pallas.IMPLEMENTATIONS``) or ``None`` (the device's
+      preference: the Pallas kernels on a GPU, XLA elsewhere).
+    interpret: run the Pallas kernel's code in interpret mode (CPU).
     return_lse: also return the log-sum-exp ``float32[B, T, N]`` (``-inf`` for empty rows).
+    config: the backend's static prefill config (e.g. ``gqa_pallas.triton.prefill.
+      PrefillConfig``); ``None`` for its default.
 
   Returns:
-    ``[B, T, N, H]`` in q's dtype (and the lse).
+    ``[B, T, N, H]`` in q's dtype (and the lse). Differentiable in q, k, v.
   """
-  impl, q_offset, kv_lengths, scale = _prepare(q, k, v, q_offset, kv_lengths, scale,
-                                               implementation, interpret)
-  if impl == "xla":
-    return _xla_attention(q, k, v, q_offset, kv_lengths, causal=causal, scale=scale,
-                          return_lse=return_lse)
-  return prefill_triton.prefill_attention(q, k, v, q_offset, kv_lengths, causal=causal,
-                                          scale=scale, return_lse=return_lse, interpret=interpret)
+  backend, config, q_offset, kv_lengths, scale, problem = _plan(
+      "prefill", q, k, v, q_offset, kv_lengths, scale, implementation, interpret, config, causal)
+  backward = registry.resolve_backward(backend, problem)
+  plan = vjp.Plan(forward=backend, backward=backward, causal=bool(causal), scale=scale,
+                  return_lse=bool(return_lse), interpret=bool(interpret), config=config,
+                  backward_config=None)
+  return vjp.prefill(q, k, v, q_offset, kv_lengths, plan)
 
 
 def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=None,
-               interpret=False, return_lse=False):
+               interpret=False, return_lse=False, config=None):
   """Attention of a few new query tokens per row over a KV cache that already holds them.
 
   Args:
-    q: ``[B, N, H]`` (one token per row) or ``[B, T, N, H]`` with ``T <= 16``.
+    q: ``[B, N, H]`` (one token per row) or ``[B, T, N, H]`` with
+      ``T <= validation.MAX_DECODE_QUERIES`` (16).
     cache: a ``KVCache`` (unstacked) whose ``lengths`` include the new tokens.
     q_offset: ``int32[B]`` absolute position of each row's first query; default
       ``cache.lengths - T`` (the new tokens are the last ``T`` the cache holds).
     scale, implementation, interpret, return_lse: as in ``gqa_attention``.
+    config: the backend's static decode config (e.g. ``gqa_pallas.triton.decode.
+      DecodeConfig``); ``None`` for its default.
 
   Returns:
     Output with q's shape and dtype (and the lse ``float32[B, (T,) N]``).
@@ -104,20 +84,19 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
   if single:
     q = q[:, None]
   validation.check_rank("q", q, 4, "[B, N, H] or [B, T, N, H]")
-  if q.shape[1] > 16:
-    raise ValueError(f"gqa_decode handles T <= 16 new tokens per row; got T={q.shape[1]}. "
-                     "Use gqa_attention with the cache's k/v for longer chunks.")
+  if q.shape[1] > validation.MAX_DECODE_QUERIES:
+    raise ValueError(f"gqa_decode handles T <= {validation.MAX_DECODE_QUERIES} new tokens per "
+                     f"row; got T={q.shape[1]}. Use gqa_attention with the cache's k/v for "
+                     "longer chunks.")
+  # The backend gets q_offset=None for the default (lengths - T): a kernel can derive it itself
+  # instead of launching an elementwise op per step.
   offset_given = q_offset is not None
-  impl, q_offset, kv_lengths, scale = _prepare(q, cache.k, cache.v, q_offset, cache.lengths,
-                                               scale, implementation, interpret)
-  if impl == "xla":
-    res = _xla_attention(q, cache.k, cache.v, q_offset, kv_lengths, causal=True, scale=scale,
-                         return_lse=return_lse)
-  else:
-    # The kernel derives the default q_offset itself (no extra elementwise launch per step).
-    res = decode_triton.decode_attention(q, cache.k, cache.v, q_offset if offset_given else None,
-                                         kv_lengths, scale=scale, return_lse=return_lse,
-                                         interpret=interpret)
+  backend, config, q_offset, kv_lengths, scale, _ = _plan(
+      "decode", q, cache.k, cache.v, q_offset, cache.lengths, scale, implementation, interpret,
+      config, True)
+  res = backend.decode(q, cache.k, cache.v, q_offset if offset_given else None, kv_lengths,
+                       scale=scale, return_lse=bool(return_lse), interpret=bool(interpret),
+                       config=config)
   if single:
     res = jax.tree_util.tree_map(lambda x: x[:, 0], res)
   return res

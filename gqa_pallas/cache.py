@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from gqa_pallas import append_triton, validation
+from gqa_pallas import devices, registry, validation
 
 
 def _is_concrete(*xs) -> bool:
@@ -46,16 +46,27 @@ def _check_fits(lengths, num_new, t_new, s_max) -> None:
 class KVCache:
   """Per-layer KV cache.
 
+  ``KVCache(k, v, lengths)`` wraps existing arrays (e.g. Flax's ``cached_key`` /
+  ``cached_value``); the overflow flags then start all ``False``.
+
   Attributes:
     k: ``[B, S_max, K, H]`` keys (a leading layer axis ``[L, B, S_max, K, H]`` when stacked).
     v: like ``k``.
     lengths: ``int32[B]`` (``[L, B]`` when stacked) tokens held per row.
-    overflowed: ``bool[B]`` (``[L, B]``) set once a row was asked to hold more than ``S_max``.
+    overflowed: ``bool[B]`` (``[L, B]``) set once a row was asked to hold more than ``S_max``;
+      ``None`` (the default) means all ``False``.
   """
   k: jax.Array
   v: jax.Array
   lengths: jax.Array
-  overflowed: jax.Array
+  overflowed: jax.Array | None = None
+
+  def __post_init__(self):
+    # Only a real lengths array gets default flags: JAX also rebuilds the class from other
+    # leaves (None, sentinels, shardings) when it maps over the pytree.
+    shape = getattr(self.lengths, "shape", None)
+    if self.overflowed is None and shape is not None:
+      object.__setattr__(self, "overflowed", jnp.zeros(shape, jnp.bool_))
 
   @classmethod
   def init(cls, batch: int, max_length: int, num_kv_heads: int, head_dim: int,
@@ -65,9 +76,9 @@ class KVCache:
                         ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
       if not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"KVCache.init: {name} must be a positive int; got {value!r}.")
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in validation.SUPPORTED_DTYPES]:
+    if not validation.is_supported_dtype(dtype):
       raise TypeError(
-          f"KVCache.init: dtype must be bfloat16, float16 or float32; got {jnp.dtype(dtype)}.")
+          f"KVCache.init: dtype must be {validation.DTYPE_NAMES}; got {jnp.dtype(dtype)}.")
     lead = () if num_layers is None else (num_layers,)
     shape = lead + (batch, max_length, num_kv_heads, head_dim)
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
@@ -109,9 +120,9 @@ class KVCache:
     valid and written. Returns the new cache; under ``jit`` with the cache donated the update is in
     place. A stacked cache takes ``[L, B, T_new, K, H]`` and ``num_new [B]`` or ``[L, B]``.
 
-    ``implementation``: ``"triton"`` (one Pallas kernel for the whole append, see
-    ``append_triton``), ``"xla"`` (scatters in ``jnp``) or ``None`` (the kernel on a GPU or with
-    ``interpret=True``, else ``"xla"``); both give identical results.
+    ``implementation``: a backend name (``gqa_pallas.IMPLEMENTATIONS``; ``"triton"``: one Pallas
+    kernel for the whole append, ``"xla"``: the reference's ``jnp`` scatters) or ``None`` (the
+    device's preference, see ``gqa_pallas.registry``); every backend gives identical results.
     """
     append_kwargs = dict(implementation=implementation, interpret=interpret)
     if self.num_layers is not None:
@@ -148,25 +159,14 @@ class KVCache:
       num_new = jnp.full((b,), t_new, jnp.int32)
     if _is_concrete(num_new, self.lengths):
       _check_fits(np.asarray(self.lengths), np.asarray(num_new), t_new, s_max)
-    from gqa_pallas import api  # pylint: disable=g-import-not-at-top  (api imports this module)
-    # An empty append (B or T_new == 0) has nothing to write: no kernel launch.
-    if api.resolve_implementation(implementation, interpret) == "triton" and b and t_new:
-      k, v, lengths, overflowed = append_triton.append(
-          self.k, self.v, self.lengths, self.overflowed, k_new.astype(self.k.dtype),
-          v_new.astype(self.v.dtype), num_new, interpret=interpret)
-      return KVCache(k=k, v=v, lengths=lengths, overflowed=overflowed)
-    num_new = jnp.clip(num_new, 0, t_new)
-    t = jnp.arange(t_new, dtype=jnp.int32)[None, :]
-    pos = self.lengths[:, None] + t  # [B, T_new]
-    # Invalid tokens and tokens past S_max go to index S_max, which the scatter drops: a row never
-    # wraps around and never spills into the next row.
-    pos = jnp.where((t < num_new[:, None]) & (pos < s_max), pos, s_max)
-    rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], pos.shape)
-    k = self.k.at[rows, pos].set(k_new.astype(self.k.dtype), mode="drop")
-    v = self.v.at[rows, pos].set(v_new.astype(self.v.dtype), mode="drop")
-    wanted = self.lengths + num_new
-    return KVCache(k=k, v=v, lengths=jnp.minimum(wanted, s_max),
-                   overflowed=self.overflowed | (wanted > s_max))
+    problem = registry.Problem("append", validation.AttentionDims(b, t_new, s_max, kh, kh, h),
+                               jnp.dtype(self.k.dtype).name, interpret=interpret,
+                               device=devices.current())
+    backend = registry.resolve(implementation, problem)
+    k, v, lengths, overflowed = backend.append(
+        self.k, self.v, self.lengths, self.overflowed, k_new.astype(self.k.dtype),
+        v_new.astype(self.v.dtype), num_new, interpret=interpret)
+    return KVCache(k=k, v=v, lengths=lengths, overflowed=overflowed)
 
   def reset(self, rows=None) -> "KVCache":
     """Empties ``rows`` (``bool[B]`` mask or integer indices; ``None``: every row).

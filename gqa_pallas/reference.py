@@ -1,9 +1,17 @@
-"""Pure-``jnp`` reference: the single definition of the package's attention semantics.
+"""Pure-``jnp`` reference: the single definition of the package's semantics.
 
-Query row ``t`` of batch row ``b`` sits at absolute position ``q_offset[b] + t``; key ``j`` is visible
-iff ``j < kv_lengths[b]`` and, when causal, ``j <= q_offset[b] + t``. Defaults: ``kv_lengths = S``,
-``q_offset = kv_lengths - T`` (bottom-right alignment). Rows with no visible key give 0 and lse
-``-inf``; anything stored at or past ``kv_lengths[b]`` (NaN included) never reaches the output.
+Attention: query row ``t`` of batch row ``b`` sits at absolute position ``q_offset[b] + t``; key
+``j`` is visible iff ``j < kv_lengths[b]`` and, when causal, ``j <= q_offset[b] + t``. Defaults:
+``kv_lengths = S``, ``q_offset = kv_lengths - T`` (bottom-right alignment). Rows with no visible
+key give 0 and lse ``-inf``; anything stored at or past ``kv_lengths[b]`` (NaN included) never
+reaches the output.
+
+Cache append: row ``b`` writes its first ``num_new[b]`` new tokens at slots ``lengths[b] + t``;
+a token that would land at or past ``S_max`` is dropped (no wrap, no spill into another row), the
+length saturates at ``S_max`` and the row's sticky ``overflowed`` flag is set.
+
+This is also the ``"xla"`` backend (``gqa_pallas/xla.py``), and the Flax layers' mask/bias path
+builds on ``visibility_mask``, ``zero_invalid_keys`` and ``softmax_parts``.
 """
 from __future__ import annotations
 
@@ -34,6 +42,35 @@ def visibility_mask(q_len, kv_len, q_offset, kv_lengths, causal):
   return mask
 
 
+def zero_invalid_keys(k, v, kv_lengths):
+  """k, v ``[B, S, K, H]`` with the slots at or past ``kv_lengths`` set to 0.
+
+  The softmax weight of those slots is 0, but ``0 * NaN`` would still be NaN: whatever they hold
+  must not enter a product.
+  """
+  valid = (jnp.arange(k.shape[1]) < kv_lengths[:, None])[:, :, None, None]
+  return jnp.where(valid, k, 0), jnp.where(valid, v, 0)
+
+
+def softmax_parts(logits, visible):
+  """The masked softmax over the last axis, unnormalised: ``(p, denom, row_max)``.
+
+  ``p = exp(logits - row_max)`` where ``visible``, else 0; ``denom`` its sum (keepdims); ``row_max``
+  the max over visible entries, 0 for a row with none (so no ``inf - inf``). A row with no visible
+  entry has ``denom == 0``: its weights and output are 0 (``normalize``) and its lse ``-inf``.
+  """
+  logits = jnp.where(visible, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)  # initial: S == 0
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
+  p = jnp.where(visible, jnp.exp(logits - row_max), 0)
+  return p, jnp.sum(p, axis=-1, keepdims=True), row_max
+
+
+def normalize(x, denom):
+  """``x / denom``, and exactly 0 where ``denom == 0`` (rows that saw no key)."""
+  return jnp.where(denom > 0, x / jnp.where(denom > 0, denom, 1), 0)
+
+
 def attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale=None,
                         return_lse=False, compute_dtype=jnp.float32):
   """Grouped-query attention, computed directly.
@@ -59,26 +96,44 @@ def attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
   if scale is None:
     scale = 1.0 / math.sqrt(h)
   mask = visibility_mask(t, dims.kv_len, q_offset, kv_lengths, causal)  # [B, T, S]
-  key_valid = (jnp.arange(dims.kv_len) < kv_lengths[:, None])[:, :, None, None]
-  # Zero the slots past kv_lengths: p == 0 there, but 0 * NaN would still be NaN.
-  k = jnp.where(key_valid, k, 0).astype(compute_dtype)
-  v = jnp.where(key_valid, v, 0).astype(compute_dtype)
+  k, v = zero_invalid_keys(k, v, kv_lengths)
+  k, v = k.astype(compute_dtype), v.astype(compute_dtype)
   qg = q.astype(compute_dtype).reshape(b, t, kh, g, h)
   precision = jax.lax.Precision.HIGHEST
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, precision=precision) * jnp.asarray(
       scale, compute_dtype)
-  mask = mask[:, None, None, :, :]
-  logits = jnp.where(mask, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)  # initial: S == 0
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)
-  p = jnp.where(mask, jnp.exp(logits - row_max), 0)
-  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p, denom, row_max = softmax_parts(logits, mask[:, None, None, :, :])
   out = jnp.einsum("bkgts,bskh->btkgh", p, v, precision=precision)
   denom_t = jnp.moveaxis(denom[..., 0], -1, 1)[..., None]  # [B, T, K, G, 1]
-  out = jnp.where(denom_t > 0, out / jnp.where(denom_t > 0, denom_t, 1), 0)
-  out = out.reshape(b, t, n, h).astype(q.dtype)
+  out = normalize(out, denom_t).reshape(b, t, n, h).astype(q.dtype)
   if not return_lse:
     return out
   lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1)), -jnp.inf)
   lse = jnp.moveaxis(lse[..., 0], -1, 1).reshape(b, t, n).astype(jnp.float32)
   return out, lse
+
+
+def append_reference(k, v, lengths, overflowed, k_new, v_new, num_new):
+  """One layer's cache append in ``jnp`` (two scatters): the semantics every append kernel
+  matches bit for bit.
+
+  Args:
+    k, v: the cache ``[B, S_max, K, H]``; lengths ``int32[B]``; overflowed ``bool[B]``.
+    k_new, v_new: ``[B, T_new, K, H]`` (cast to the cache's dtype); num_new ``int32[B]``.
+
+  Returns:
+    The new ``(k, v, lengths, overflowed)``.
+  """
+  b, s_max = k.shape[:2]
+  t_new = k_new.shape[1]
+  num_new = jnp.clip(num_new, 0, t_new)
+  t = jnp.arange(t_new, dtype=jnp.int32)[None, :]
+  pos = lengths[:, None] + t  # [B, T_new]
+  # Invalid tokens and tokens past S_max go to index S_max, which the scatter drops: a row never
+  # wraps around and never spills into the next row.
+  pos = jnp.where((t < num_new[:, None]) & (pos < s_max), pos, s_max)
+  rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], pos.shape)
+  k = k.at[rows, pos].set(k_new.astype(k.dtype), mode="drop")
+  v = v.at[rows, pos].set(v_new.astype(v.dtype), mode="drop")
+  wanted = lengths + num_new
+  return k, v, jnp.minimum(wanted, s_max), overflowed | (wanted > s_max)

@@ -11,7 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-_DTYPE_NAMES = "bfloat16, float16, float32"
+DTYPE_NAMES = ", ".join(jnp.dtype(d).name for d in SUPPORTED_DTYPES)
+
+# gqa_decode takes at most this many new query tokens per row (speculative / chunked decoding);
+# longer chunks go through gqa_attention over the cache's k/v.
+MAX_DECODE_QUERIES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +33,13 @@ class AttentionDims:
     return self.num_heads // self.num_kv_heads
 
 
+def is_supported_dtype(dtype) -> bool:
+  return jnp.dtype(dtype) in [jnp.dtype(d) for d in SUPPORTED_DTYPES]
+
+
 def check_float_dtype(name: str, x) -> None:
-  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
-    raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}; got {x.dtype}.")
+  if not is_supported_dtype(x.dtype):
+    raise TypeError(f"{name} must have dtype {DTYPE_NAMES}; got {x.dtype}.")
 
 
 def check_rank(name: str, x, rank: int, layout: str) -> None:

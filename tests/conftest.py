@@ -1,19 +1,12 @@
 import warnings
 
-import jax
 import pytest
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
 
+from gqa_pallas import devices  # pylint: disable=g-import-not-at-top
 
-def _has_gpu() -> bool:
-  try:
-    return any(d.platform == "gpu" for d in jax.devices())
-  except RuntimeError:
-    return False
-
-
-HAS_GPU = _has_gpu()
+HAS_GPU = devices.on_gpu()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,3 +16,10 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  """A tiny random-weight decoder: ``(config, params)`` (tests/decoder_fixtures.py)."""
+  from tests.decoder_fixtures import TINY, random_params  # pylint: disable=g-import-not-at-top
+  return TINY, random_params(TINY)

@@ -1,5 +1,6 @@
-"""``KVCache.append`` through the Pallas kernel (``append_triton``) against the ``jnp`` path:
-interpret mode on CPU (CI), the CUDA lowering on CPU, and the compiled kernel on a GPU."""
+"""``KVCache.append`` through every backend that implements it, against the reference's ``jnp``
+path (``"xla"``), bit for bit: the kernel code on this CPU (interpreters), lowered for CUDA on
+this CPU, and compiled on a GPU (``-m gpu``)."""
 import functools
 
 import jax
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 
 import gqa_pallas as gp
-from gqa_pallas import append_triton
-from tests import numerics
+from gqa_pallas import devices, registry
+from tests import backend_cases, numerics
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 
@@ -31,12 +32,16 @@ def _assert_same(a, b):
                                   err_msg=name)
 
 
-def _both(cache, k_new, v_new, num_new, interpret=True):
-  """(kernel, jnp) results of one append, both under jit (where overflow saturates)."""
-  run = lambda impl: jax.jit(lambda c, kn, vn, nn: c.append(
-      kn, vn, nn, implementation=impl, interpret=interpret and impl == "triton"))(
-          cache, k_new, v_new, num_new)
-  return run("triton"), run("xla")
+# Backends with an append of their own (the reference, "xla", is what they are compared with).
+APPEND_BACKENDS = [name for name in backend_cases.PALLAS_BACKENDS
+                   if "append" in registry.get(name).ops]
+
+
+def _both(name, cache, k_new, v_new, num_new, interpret=True):
+  """(backend, jnp) results of one append, both under jit (where overflow saturates)."""
+  run = lambda impl, interp: jax.jit(lambda c, kn, vn, nn: c.append(
+      kn, vn, nn, implementation=impl, interpret=interp))(cache, k_new, v_new, num_new)
+  return run(name, interpret), run("xla", False)
 
 
 # (B, S_max, K, H, T_new, dtype, lengths, num_new): rows that fit, rows one short of S_max, full
@@ -55,15 +60,16 @@ def _case_id(c):
   return f"B{b}S{s}K{kh}H{h}T{t}-{jnp.dtype(dtype).name}"
 
 
+@pytest.mark.parametrize("name", APPEND_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_kernel_matches_jnp_append(case):
+def test_kernel_matches_jnp_append(name, case):
   b, s, kh, h, t, dtype, lengths, num_new = case
   rng = np.random.default_rng(len(_case_id(case)))
   cache = _random_cache(rng, b, s, kh, h, dtype, lengths)
   new_dtype = F32 if dtype != F32 else BF16  # cast to the cache's dtype on the way in
   k_new = jnp.asarray(rng.normal(size=(b, t, kh, h)), new_dtype)
   v_new = jnp.asarray(rng.normal(size=(b, t, kh, h)), new_dtype)
-  kernel, ref = _both(cache, k_new, v_new, jnp.asarray(num_new, jnp.int32))
+  kernel, ref = _both(name, cache, k_new, v_new, jnp.asarray(num_new, jnp.int32))
   _assert_same(kernel, ref)
   # The written tokens are where they belong, and nothing else moved.
   for row in range(b):
@@ -74,34 +80,38 @@ def test_kernel_matches_jnp_append(case):
     np.testing.assert_array_equal(got, want)
 
 
-def test_default_num_new_and_stacked_cache():
+@pytest.mark.parametrize("name", APPEND_BACKENDS)
+def test_default_num_new_and_stacked_cache(name):
   rng = np.random.default_rng(3)
   cache = _random_cache(rng, 2, 12, 2, 16, F32, [[3, 11], [0, 12]], layers=2)
   k_new = jnp.asarray(rng.normal(size=(2, 2, 2, 2, 16)), F32)
-  kernel, ref = _both(cache, k_new, -k_new, None)
+  kernel, ref = _both(name, cache, k_new, -k_new, None)
   _assert_same(kernel, ref)
   np.testing.assert_array_equal(kernel.lengths, [[5, 12], [2, 12]])
   np.testing.assert_array_equal(kernel.overflowed, np.asarray(cache.overflowed) |
                                 np.array([[False, True], [False, True]]))
 
 
-def test_empty_append():
+@pytest.mark.parametrize("name", APPEND_BACKENDS)
+def test_empty_append(name):
   """T_new == 0 launches no kernel and still saturates lengths / sets flags like the jnp path."""
   rng = np.random.default_rng(6)
   cache = _random_cache(rng, 3, 8, 1, 16, F32, [0, 8, 5], overflowed=[False, True, False])
   empty = jnp.zeros((3, 0, 1, 16), F32)
-  kernel, ref = _both(cache, empty, empty, None)
+  kernel, ref = _both(name, cache, empty, empty, None)
   _assert_same(kernel, ref)
 
 
-def test_eager_overflow_still_raises():
+@pytest.mark.parametrize("name", APPEND_BACKENDS)
+def test_eager_overflow_still_raises(name):
   cache = gp.KVCache.init(2, 4, 1, 8, F32)
   with pytest.raises(ValueError, match="overflow"):
-    cache.append(jnp.ones((2, 5, 1, 8)), jnp.ones((2, 5, 1, 8)), implementation="triton",
+    cache.append(jnp.ones((2, 5, 1, 8)), jnp.ones((2, 5, 1, 8)), implementation=name,
                   interpret=True)
 
 
-def test_jit_step_donated_in_place_one_trace():
+@pytest.mark.parametrize("name", APPEND_BACKENDS)
+def test_jit_step_donated_in_place_one_trace(name):
   b, s, kh, h = 2, 16, 2, 32
   cache = gp.KVCache.init(b, s, kh, h, F32)
   traces = []
@@ -109,7 +119,7 @@ def test_jit_step_donated_in_place_one_trace():
   @functools.partial(jax.jit, donate_argnums=0)
   def step(cache, k_new, v_new):
     traces.append(1)
-    return cache.append(k_new, v_new, implementation="triton", interpret=True)
+    return cache.append(k_new, v_new, implementation=name, interpret=True)
 
   rng = np.random.default_rng(4)
   written = []
@@ -125,20 +135,24 @@ def test_jit_step_donated_in_place_one_trace():
   assert len(traces) == 1
 
 
+@pytest.mark.parametrize("name", APPEND_BACKENDS)
 @pytest.mark.parametrize("t_new,h,dtype", [(1, 128, BF16), (100, 128, F16), (3, 96, F32),
                                            (1, 64, BF16)])
-def test_lowers_for_cuda(t_new, h, dtype):
+def test_lowers_for_cuda(name, t_new, h, dtype):
   k = jax.ShapeDtypeStruct((2, 50, 2, h), dtype)
   k_new = jax.ShapeDtypeStruct((2, t_new, 2, h), dtype)
   rows = jax.ShapeDtypeStruct((2,), jnp.int32)
   flags = jax.ShapeDtypeStruct((2,), jnp.bool_)
-  text = numerics.lower_for_cuda(lambda *a: append_triton.append(*a), k, k, rows, flags, k_new,
-                                 k_new, rows)
-  assert "gqa_kv_append" in text
+  append = lambda k, v, n, f, kn, vn, nn: gp.KVCache(k, v, n, f).append(
+      kn, vn, nn, implementation=name)
+  with devices.target(backend_cases.CUDA_TARGET):
+    text = numerics.lower_for_cuda(append, k, k, rows, flags, k_new, k_new, rows)
+  assert registry.get(name).custom_call in text
 
 
 @pytest.mark.gpu
-def test_gpu_matches_jnp_append_at_size():
+@pytest.mark.parametrize("name", APPEND_BACKENDS)
+def test_gpu_matches_jnp_append_at_size(name):
   rng = np.random.default_rng(5)
   b, s, kh, h = 16, 4096, 8, 128
   lengths = rng.integers(0, s + 1, size=b)
@@ -147,5 +161,5 @@ def test_gpu_matches_jnp_append_at_size():
   for t in (1, 4, 300):
     k_new = jnp.asarray(rng.normal(size=(b, t, kh, h)), BF16)
     num_new = jnp.asarray(rng.integers(0, t + 1, size=b), jnp.int32)
-    kernel, ref = _both(cache, k_new, k_new * 2, num_new, interpret=False)
+    kernel, ref = _both(name, cache, k_new, k_new * 2, num_new, interpret=False)
     _assert_same(kernel, ref)

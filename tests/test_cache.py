@@ -83,6 +83,24 @@ def test_init_stacked_and_default_dtype():
   assert one.num_layers is None
 
 
+def test_wrapping_existing_arrays_defaults_the_flags_to_false():
+  """``KVCache(k, v, lengths)`` (e.g. Flax's cached_key / cached_value) starts unflagged, and
+  stays a 4-leaf pytree through jit, tree_map and vmap."""
+  k = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 1, 8)), jnp.float32)
+  cache = KVCache(k, -k, jnp.array([2, 6], jnp.int32))
+  np.testing.assert_array_equal(cache.overflowed, [False, False])
+  assert len(jax.tree_util.tree_leaves(cache)) == 4
+  out = jax.jit(lambda c: c.append(k[:, :1], k[:, :1]))(cache)
+  np.testing.assert_array_equal(out.lengths, [3, 6])
+  np.testing.assert_array_equal(out.overflowed, [False, True])
+  stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), cache)
+  assert stacked.num_layers == 2 and stacked.overflowed.shape == (2, 2)
+  lengths = jax.vmap(lambda c: c.lengths + 1)(stacked)
+  np.testing.assert_array_equal(lengths, [[3, 7], [3, 7]])
+  given = KVCache(k, k, jnp.array([1, 1], jnp.int32), jnp.array([True, False]))
+  np.testing.assert_array_equal(given.overflowed, [True, False])
+
+
 @pytest.mark.parametrize("args,match", [
     ((0, 8, 2, 16), "batch must be a positive int; got 0"),
     ((2, -1, 2, 16), "max_length must be a positive int; got -1"),
@@ -96,7 +114,7 @@ def test_init_rejects_bad_sizes(args, match):
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.float64, jnp.int8])
 def test_init_rejects_bad_dtypes(dtype):
-  with pytest.raises(TypeError, match="dtype must be bfloat16, float16 or float32"):
+  with pytest.raises(TypeError, match="dtype must be bfloat16, float16, float32"):
     KVCache.init(2, 8, 2, 16, dtype)
 
 

@@ -6,10 +6,11 @@ H100, 7-12 us of launches per step, as much as the decode kernel itself for a sm
 kernel does all of it in one launch and writes the cache in place (``input_output_aliases``;
 under ``jit`` with the cache donated no buffer is copied).
 
-Semantics are exactly ``KVCache``'s (the ``jnp`` path in ``cache.py``): row ``b`` writes its first
-``num_new[b]`` tokens at positions ``lengths[b] + t``; a token that would land at or past
-``S_max`` is dropped (a row never wraps and never spills into another row); ``lengths`` saturates
-at ``S_max`` and ``overflowed`` is set (sticky) when a row was asked to hold more.
+Semantics are exactly ``reference.append_reference`` (the ``"xla"`` path), bit for bit: row ``b``
+writes its first ``num_new[b]`` tokens at positions ``lengths[b] + t``; a token that would land
+at or past ``S_max`` is dropped (a row never wraps and never spills into another row);
+``lengths`` saturates at ``S_max`` and ``overflowed`` is set (sticky) when a row was asked to hold
+more.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from gqa_pallas import _triton_compat as tc
-from gqa_pallas.prefill_triton import padded_head_dim
+from gqa_pallas.triton import compat as tc
+from gqa_pallas.triton import flash
 
 _TILE_ELEMENTS = 4096  # tokens x padded head dim per program
 
@@ -67,7 +68,7 @@ def append(k, v, lengths, overflowed, k_new, v_new, num_new, *, interpret=False)
   """
   b, s_max, kh, h = k.shape
   t_new = k_new.shape[1]
-  head_dim_p = padded_head_dim(h)
+  head_dim_p = flash.padded_head_dim(h)
   block_t = max(1, min(pl.next_power_of_2(t_new), _TILE_ELEMENTS // head_dim_p))
   grid = (pl.cdiv(t_new, block_t), kh, b)
   rows_spec = pl.BlockSpec((b,), lambda *_: (0,))

@@ -3,7 +3,7 @@
 Layout: q ``[B, T, N, H]``, k/v ``[B, S, K, H]``, group size ``G = N // K``.
 
 One program owns one kv head ``k`` of one batch row ``b`` and a tile of ``block_m`` rows of the
-flattened (position, group head) axis ``f = t * G + g`` (see ``_flash``): the ``G`` query heads of
+flattened (position, group head) axis ``f = t * G + g`` (see ``flash``): the ``G`` query heads of
 the group share the tile, so every K/V tile streamed from HBM serves the whole group at once, and
 no row is padding whatever ``G`` is. K/V are never repeated.
 
@@ -21,13 +21,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from gqa_pallas import _flash
-from gqa_pallas import _triton_compat as tc
-from gqa_pallas import reference
+from gqa_pallas.triton import compat as tc
+from gqa_pallas.triton import flash
 
 logger = logging.getLogger("gqa_pallas")
-
-MAX_HEAD_DIM = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,39 +41,45 @@ class PrefillConfig:
   num_warps: int = 4
   num_stages: int = 3
 
-
-# Tuning table: (padded head dim, dtype name) -> config, from `python -m benchmarks.run --sweep`
-# on an H100 (benchmarks/results/*sweep*.json); fp32 tiles are halved to fit shared memory.
-TUNING_TABLE: dict[tuple[int, str], PrefillConfig] = {}
-for _dtype in ("bfloat16", "float16"):
-  TUNING_TABLE.update({
-      (16, _dtype): PrefillConfig(64, 64, 4, 3),
-      (32, _dtype): PrefillConfig(64, 64, 4, 3),
-      (64, _dtype): PrefillConfig(64, 64, 4, 3),     # H100 sweep: best on both 14:2 H64 shapes
-      (128, _dtype): PrefillConfig(128, 64, 4, 2),   # H100 sweep: best on all four H128 shapes
-      (256, _dtype): PrefillConfig(64, 32, 4, 2),
-  })
-TUNING_TABLE.update({
-    (16, "float32"): PrefillConfig(64, 32, 4, 2),
-    (32, "float32"): PrefillConfig(64, 32, 4, 2),
-    (64, "float32"): PrefillConfig(64, 32, 4, 2),
-    (128, "float32"): PrefillConfig(64, 32, 4, 2),
-    (256, "float32"): PrefillConfig(32, 32, 4, 1),
-})
+  def __post_init__(self):
+    for name in ("block_m", "block_k"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(f"PrefillConfig.{name} must be a power of two >= 16; got {value!r}.")
+    for name in ("num_warps", "num_stages"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"PrefillConfig.{name} must be a positive int; got "
+                         f"{getattr(self, name)!r}.")
 
 
-def padded_head_dim(head_dim: int) -> int:
-  return max(16, pl.next_power_of_2(head_dim))
+def _table(h64, h128, h256, f32, f32_h256):
+  """(padded head dim, dtype name) -> config: 16-bit dtypes share a row, float32 tiles are
+  smaller (twice the bytes per element)."""
+  table = {}
+  for dtype in ("bfloat16", "float16"):
+    table.update({(16, dtype): h64, (32, dtype): h64, (64, dtype): h64, (128, dtype): h128,
+                  (256, dtype): h256})
+  table.update({(hp, "float32"): f32 for hp in (16, 32, 64, 128)})
+  table[(256, "float32")] = f32_h256
+  return table
 
 
-def check_head_dim(head_dim: int) -> None:
-  if head_dim > MAX_HEAD_DIM or head_dim % 8:
-    raise ValueError(f"the Triton kernels support head dims that are multiples of 8 up to "
-                     f"{MAX_HEAD_DIM} (64 and 128 are tuned); got H={head_dim}.")
+# Tuning tables by device kind, from `python -m benchmarks.run --only prefill --sweep` on that
+# card (benchmarks/results/<device>-prefill-sweep.json). Any other device (another GPU, or a
+# CPU in interpret mode / lowering for CUDA) takes HEURISTIC_TABLE: the H100's measured entries,
+# whose pipelined K/V tiles (num_stages x block_k x head dim, K and V) take at most 64 KB of
+# shared memory, so they suit sm80-sm89 GPUs too.
+HEURISTIC_TABLE = _table(h64=PrefillConfig(64, 64, 4, 3), h128=PrefillConfig(128, 64, 4, 2),
+                         h256=PrefillConfig(64, 32, 4, 2), f32=PrefillConfig(64, 32, 4, 2),
+                         f32_h256=PrefillConfig(32, 32, 4, 1))
+TUNING_TABLES: dict[str, dict[tuple[int, str], PrefillConfig]] = {
+    "NVIDIA H100 80GB HBM3": HEURISTIC_TABLE,
+}
 
 
-def default_config(head_dim: int, dtype) -> PrefillConfig:
-  return TUNING_TABLE[(padded_head_dim(head_dim), jnp.dtype(dtype).name)]
+def default_config(head_dim: int, dtype, device_kind: str) -> PrefillConfig:
+  table = TUNING_TABLES.get(device_kind, HEURISTIC_TABLE)
+  return table[(flash.padded_head_dim(head_dim), jnp.dtype(dtype).name)]
 
 
 def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *lse_refs,
@@ -92,8 +95,8 @@ def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *l
   kv_len = kv_lengths_ref[b]
   num_rows = q_len * group_size
   first_row = tile * block_m
-  t, g, valid = _flash.tile_rows(first_row, block_m, group_size, num_rows)
-  q = _flash.load_rows(q_ref, t, g, valid, head_dim)
+  t, g, valid = flash.tile_rows(first_row, block_m, group_size, num_rows)
+  q = flash.load_rows(q_ref, t, g, valid, head_dim)
 
   # Keys [0, full_keys) are visible to every row of the tile; [full_keys, end_keys) need the mask.
   first_pos = q_offset + first_row // group_size
@@ -103,14 +106,14 @@ def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *l
     end_keys = jnp.clip(jnp.minimum(kv_len, last_pos + 1), 0, None)
   else:
     full_keys = end_keys = kv_len
-  acc, m, l = _flash.attend(
+  acc, m, l = flash.attend(
       q, k_ref, v_ref, q_offset + t, kv_len, block_lo=0, n_full=full_keys // block_k,
-      n_end=pl.cdiv(end_keys, block_k), block_k=block_k, qk_scale=scale * _flash.LOG2_E,
+      n_end=pl.cdiv(end_keys, block_k), block_k=block_k, qk_scale=scale * flash.LOG2_E,
       head_dim=head_dim, causal=causal)
-  out, lse2 = _flash.finalize(acc, m, l)
-  _flash.store_rows(o_ref, out, t, g, valid, head_dim)
+  out, lse2 = flash.finalize(acc, m, l)
+  flash.store_rows(o_ref, out, t, g, valid, head_dim)
   if lse_refs:
-    _flash.store_row_values(lse_refs[0], lse2 * _flash.LN_2, t, g, valid)
+    flash.store_row_values(lse_refs[0], lse2 * flash.LN_2, t, g, valid)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "return_lse", "interpret",
@@ -119,7 +122,7 @@ def _prefill_call(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, i
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   g = n // kh
-  head_dim_p = padded_head_dim(h)
+  head_dim_p = flash.padded_head_dim(h)
   block_m = config.block_m
   block_k = min(config.block_k, max(16, pl.next_power_of_2(s)))
   grid = (pl.cdiv(t * g, block_m), kh, b)
@@ -150,44 +153,14 @@ def _prefill_call(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, i
   return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _prefill_diff(q, k, v, q_offset, kv_lengths, causal, scale, return_lse, interpret, config):
-  return _prefill_call(q, k, v, q_offset, kv_lengths, causal=causal, scale=scale,
-                       return_lse=return_lse, interpret=interpret, config=config)
-
-
-def _prefill_fwd(q, k, v, q_offset, kv_lengths, causal, scale, return_lse, interpret, config):
-  res = _prefill_call(q, k, v, q_offset, kv_lengths, causal=causal, scale=scale,
-                      return_lse=return_lse, interpret=interpret, config=config)
-  return res, (q, k, v, q_offset, kv_lengths)
-
-
-def _prefill_bwd(causal, scale, return_lse, interpret, config, residuals, cotangent):
-  # Backward through the reference (XLA): exact gradients of the same function. A Pallas
-  # backward kernel is future work; see docs/design.md.
-  del interpret, config
-  q, k, v, q_offset, kv_lengths = residuals
-  fn = functools.partial(reference.attention_reference, causal=causal, q_offset=q_offset,
-                         kv_lengths=kv_lengths, scale=scale, return_lse=return_lse)
-  _, vjp = jax.vjp(fn, q, k, v)
-  dq, dk, dv = vjp(cotangent)
-  return dq, dk, dv, None, None
-
-
-_prefill_diff.defvjp(_prefill_fwd, _prefill_bwd)
-
-
-def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse=False,
-                      interpret=False, config: PrefillConfig | None = None):
+def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret,
+                      config: PrefillConfig):
   """Runs the kernel on validated inputs (see ``gqa_pallas.gqa_attention`` for semantics).
 
   ``q_offset``/``kv_lengths`` are ``int32[B]`` (defaults already resolved); ``scale`` a float.
   """
-  check_head_dim(q.shape[-1])
-  if config is None:
-    config = default_config(q.shape[-1], q.dtype)
   if q.shape[1] == 0 or q.shape[0] == 0:
-    return _flash.empty_result(q, return_lse)
+    return flash.empty_result(q, return_lse)
   kv_lengths = jnp.clip(kv_lengths, 0, k.shape[1])
-  return _prefill_diff(q, k, v, q_offset, kv_lengths, causal, float(scale), return_lse,
-                       interpret, config)
+  return _prefill_call(q, k, v, q_offset, kv_lengths, causal=causal, scale=float(scale),
+                       return_lse=return_lse, interpret=interpret, config=config)

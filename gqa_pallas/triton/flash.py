@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton prefill and decode kernels: row packing and the online softmax.
+"""Pieces shared by the Triton kernels: head-dim rules, row packing and the online softmax.
 
 Row packing: the ``G`` query heads of a kv head, times the query positions, are flattened into
 one row axis ``f = t * G + g``; a tile takes ``block_m`` consecutive rows. Every row is a real
@@ -14,10 +14,26 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from gqa_pallas import _triton_compat as tc
+from gqa_pallas.triton import compat as tc
+
+# Head dims: multiples of 8 up to MAX_HEAD_DIM, padded inside the kernels to a power of two
+# (at least 16, Triton's smallest dot dimension) and masked.
+MAX_HEAD_DIM = 256
 
 LOG2_E = math.log2(math.e)  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 LN_2 = math.log(2.0)        # log2-domain lse -> natural-log lse
+
+
+def padded_head_dim(head_dim: int) -> int:
+  return max(16, pl.next_power_of_2(head_dim))
+
+
+def head_dim_unsupported(head_dim: int) -> str | None:
+  """Why the Triton kernels cannot take ``head_dim`` (``None`` if they can)."""
+  if head_dim > MAX_HEAD_DIM or head_dim % 8 or head_dim <= 0:
+    return (f"head_dim={head_dim} (the Triton kernels take head dims that are multiples of 8 "
+            f"up to {MAX_HEAD_DIM}; 64 and 128 are tuned)")
+  return None
 
 
 def empty_result(q, return_lse: bool):

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from gqa_pallas import _flash
-from gqa_pallas import _triton_compat as tc
-from gqa_pallas.prefill_triton import check_head_dim, padded_head_dim
+from gqa_pallas import devices
+from gqa_pallas.triton import compat as tc
+from gqa_pallas.triton import flash
 
 logger = logging.getLogger("gqa_pallas")
 
@@ -78,31 +78,41 @@ class DecodeConfig:
   combine_num_warps: int = 4
 
 
-# From `python -m benchmarks.run --only decode --sweep` on an H100 (see docs/benchmarks.md).
-TUNING_TABLE: dict[tuple[int, str], DecodeConfig] = {}
-for _dtype in ("bfloat16", "float16"):
-  for _h in (16, 32, 64):  # small heads: two warps and more splits stream best
-    TUNING_TABLE[(_h, _dtype)] = DecodeConfig(num_warps=2, programs_per_sm=4)
-  TUNING_TABLE[(128, _dtype)] = DecodeConfig()
-  TUNING_TABLE[(256, _dtype)] = DecodeConfig(block_k=32, single_split_block_k=64)
-for _h in (16, 32, 64):
-  TUNING_TABLE[(_h, "float32")] = DecodeConfig(block_k=64, num_stages=2, single_split_block_k=64)
-TUNING_TABLE[(128, "float32")] = DecodeConfig(block_k=32, num_stages=2, single_split_block_k=32)
-TUNING_TABLE[(256, "float32")] = DecodeConfig(block_k=16, num_stages=2, single_split_block_k=16)
+def _table(h64, h128, h256, f32_h64, f32_h128, f32_h256):
+  """(padded head dim, dtype name) -> config; heads of 16 and 32 take the H64 entry."""
+  table = {}
+  for dtype in ("bfloat16", "float16"):
+    table.update({(16, dtype): h64, (32, dtype): h64, (64, dtype): h64, (128, dtype): h128,
+                  (256, dtype): h256})
+  table.update({(16, "float32"): f32_h64, (32, "float32"): f32_h64, (64, "float32"): f32_h64,
+                (128, "float32"): f32_h128, (256, "float32"): f32_h256})
+  return table
 
 
-def default_config(head_dim: int, dtype) -> DecodeConfig:
-  return TUNING_TABLE[(padded_head_dim(head_dim), jnp.dtype(dtype).name)]
+# Tuning tables by device kind, from `python -m benchmarks.run --only decode --sweep` on that
+# card (see docs/benchmarks.md). Any other device takes HEURISTIC_TABLE, the H100's entries:
+# small heads stream best with two warps and more programs per SM; the split count itself
+# follows the device's SM count (``choose_splits``), so the table carries over between GPUs.
+HEURISTIC_TABLE = _table(
+    h64=DecodeConfig(num_warps=2, programs_per_sm=4), h128=DecodeConfig(),
+    h256=DecodeConfig(block_k=32, single_split_block_k=64),
+    f32_h64=DecodeConfig(block_k=64, num_stages=2, single_split_block_k=64),
+    f32_h128=DecodeConfig(block_k=32, num_stages=2, single_split_block_k=32),
+    f32_h256=DecodeConfig(block_k=16, num_stages=2, single_split_block_k=16))
+TUNING_TABLES: dict[str, dict[tuple[int, str], DecodeConfig]] = {
+    "NVIDIA H100 80GB HBM3": HEURISTIC_TABLE,
+}
+
+
+def default_config(head_dim: int, dtype, device_kind: str) -> DecodeConfig:
+  table = TUNING_TABLES.get(device_kind, HEURISTIC_TABLE)
+  return table[(flash.padded_head_dim(head_dim), jnp.dtype(dtype).name)]
 
 
 def _sm_count() -> int:
-  try:
-    dev = jax.devices()[0]
-    if dev.platform == "gpu":
-      return int(getattr(dev, "core_count", 132) or 132)
-  except RuntimeError:
-    pass
-  return 132  # an H100; only shapes the split count, never correctness
+  # Only shapes the split count, never correctness: a CPU (interpret mode, lowering for CUDA)
+  # plans for the 132 SMs of an H100 / H200 unless devices.target says otherwise.
+  return devices.current().num_sms or 132
 
 
 def tile_rows_for(q_len: int, group_size: int, config: DecodeConfig) -> int:
@@ -161,8 +171,8 @@ def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_re
   q_offset = raw_len - q_len if offset_from_lengths else q_offset_ref[b]
   kv_len = jnp.clip(raw_len, 0, k_ref.shape[0])
   first_row = tile * block_m
-  t, g, valid = _flash.tile_rows(first_row, block_m, group_size, q_len * group_size)
-  q = _flash.load_rows(q_ref, t, g, valid, head_dim)
+  t, g, valid = flash.tile_rows(first_row, block_m, group_size, q_len * group_size)
+  q = flash.load_rows(q_ref, t, g, valid, head_dim)
 
   # The row's visible keys [0, end) are divided over the splits in whole blocks, as evenly as
   # blocks allow (split i takes blocks [i*n/splits, (i+1)*n/splits)); this split takes [lo, hi).
@@ -174,16 +184,16 @@ def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_re
   lo = block_lo * block_k
   hi = jnp.minimum(block_hi * block_k, end)
   full_hi = jnp.minimum(hi, q_offset + 1)
-  acc, m, l = _flash.attend(
+  acc, m, l = flash.attend(
       q, k_ref, v_ref, q_offset + t, kv_len, block_lo=block_lo,
       n_full=jnp.maximum(full_hi - lo, 0) // block_k, n_end=block_hi - block_lo,
-      block_k=block_k, qk_scale=scale * _flash.LOG2_E, head_dim=head_dim)
-  out, lse2 = _flash.finalize(acc, m, l)
+      block_k=block_k, qk_scale=scale * flash.LOG2_E, head_dim=head_dim)
+  out, lse2 = flash.finalize(acc, m, l)
   if direct:
-    _flash.store_rows(o_ref, out, t, g, valid, head_dim)
-    _flash.store_row_values(lse_ref, lse2 * _flash.LN_2, t, g, valid)
+    flash.store_rows(o_ref, out, t, g, valid, head_dim)
+    flash.store_row_values(lse_ref, lse2 * flash.LN_2, t, g, valid)
   else:
-    _flash.store_tile(o_ref, lse_ref, out, lse2, first_row, valid, head_dim)
+    flash.store_tile(o_ref, lse_ref, out, lse2, first_row, valid, head_dim)
 
 
 def _combine_kernel(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits, block_rows,
@@ -197,7 +207,7 @@ def _combine_kernel(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits, blo
   first_row = pl.program_id(0) * block_rows
   splits_p = pl.next_power_of_2(num_splits)
   head_dim_p = o_part_ref.shape[-1]
-  t, g, valid = _flash.tile_rows(first_row, block_rows, group_size, q_len * group_size)
+  t, g, valid = flash.tile_rows(first_row, block_rows, group_size, q_len * group_size)
   split = lax.broadcasted_iota(jnp.int32, (splits_p, block_rows), 0)
   mask2 = (split < num_splits) & valid[None, :]
   lse = tc.load(lse_part_ref.at[pl.ds(0, splits_p), pl.ds(first_row, block_rows)], mask=mask2,
@@ -210,9 +220,9 @@ def _combine_kernel(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits, blo
   w = jnp.exp2(lse - m_safe[None, :])  # [splits_p, rows]; exp2(-inf) = 0 for empty splits
   w_sum = jnp.sum(w, axis=0)
   acc = jnp.sum(o * w[:, :, None], axis=0)
-  out, lse2 = _flash.finalize(acc, m_safe, w_sum)
-  _flash.store_rows(o_ref, out, t, g, valid, head_dim)
-  _flash.store_row_values(lse_ref, lse2 * _flash.LN_2, t, g, valid)
+  out, lse2 = flash.finalize(acc, m_safe, w_sum)
+  flash.store_rows(o_ref, out, t, g, valid, head_dim)
+  flash.store_row_values(lse_ref, lse2 * flash.LN_2, t, g, valid)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "return_lse", "interpret", "config",
@@ -223,7 +233,7 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
   s_max, kh = k.shape[1], k.shape[2]
   g = n // kh
   rows = t * g
-  head_dim_p = padded_head_dim(h)
+  head_dim_p = flash.padded_head_dim(h)
   block_m = tile_rows_for(t, g, config)
   row_tiles = pl.cdiv(rows, block_m)
   splits = choose_splits(b * kh * row_tiles, s_max, config, tile_rows=min(rows, block_m),
@@ -289,18 +299,15 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
   return out
 
 
-def decode_attention(q, k, v, q_offset, lengths, *, scale, return_lse=False, interpret=False,
-                     config: DecodeConfig | None = None):
+def decode_attention(q, k, v, q_offset, lengths, *, scale, return_lse, interpret,
+                     config: DecodeConfig):
   """Runs the kernel on validated inputs (see ``gqa_pallas.gqa_decode`` for semantics).
 
   q ``[B, T, N, H]``; k/v the cache ``[B, S_max, K, H]``; lengths ``int32[B]``; q_offset
   ``int32[B]`` or ``None`` for ``lengths - T`` (derived inside the kernel).
   """
-  check_head_dim(q.shape[-1])
-  if config is None:
-    config = default_config(q.shape[-1], q.dtype)
   if q.shape[0] == 0 or q.shape[1] == 0:
-    return _flash.empty_result(q, return_lse)
+    return flash.empty_result(q, return_lse)
   offset_from_lengths = q_offset is None
   return _decode_call(q, k, v, lengths if offset_from_lengths else q_offset, lengths,
                       scale=float(scale), return_lse=return_lse, interpret=interpret,

@@ -1,0 +1,67 @@
+"""The prefill's gradients: one ``custom_vjp`` that pairs any forward backend with any backward.
+
+A Pallas forward is opaque to JAX's autodiff, so ``gqa_attention`` wraps it here: the forward
+rule runs the chosen backend's ``prefill`` (always with the lse, which flash backward kernels
+reuse) and keeps ``(q, k, v, q_offset, kv_lengths, out, lse)``; the backward rule runs the
+``prefill_bwd`` of the backend ``registry.resolve_backward`` picked. Today that is the reference's
+VJP (``"xla"``: exact, but it materialises ``[B, N, T, S]``); a backward kernel plugs in by
+implementing ``prefill_bwd`` in its backend. A forward JAX can differentiate itself (the
+``"xla"`` backend) is called directly, so forward-mode and higher-order derivatives keep working.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+
+from gqa_pallas import registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Everything static about one differentiable prefill call."""
+  forward: registry.Backend
+  backward: registry.Backend
+  causal: bool
+  scale: float
+  return_lse: bool
+  interpret: bool
+  config: Any
+  backward_config: Any
+
+
+def prefill(q, k, v, q_offset, kv_lengths, plan: Plan):
+  """``plan.forward``'s prefill, differentiable through ``plan.backward``."""
+  if plan.forward.differentiable:
+    return _forward(plan, q, k, v, q_offset, kv_lengths, plan.return_lse)
+  return _prefill(q, k, v, q_offset, kv_lengths, plan)
+
+
+def _forward(plan, q, k, v, q_offset, kv_lengths, return_lse):
+  return plan.forward.prefill(q, k, v, q_offset, kv_lengths, causal=plan.causal,
+                              scale=plan.scale, return_lse=return_lse,
+                              interpret=plan.interpret, config=plan.config)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _prefill(q, k, v, q_offset, kv_lengths, plan):
+  return _forward(plan, q, k, v, q_offset, kv_lengths, plan.return_lse)
+
+
+def _prefill_fwd(q, k, v, q_offset, kv_lengths, plan):
+  out, lse = _forward(plan, q, k, v, q_offset, kv_lengths, True)
+  return (out, lse) if plan.return_lse else out, (q, k, v, q_offset, kv_lengths, out, lse)
+
+
+def _prefill_bwd(plan, residuals, cotangent):
+  q, k, v, q_offset, kv_lengths, out, lse = residuals
+  d_out, d_lse = cotangent if plan.return_lse else (cotangent, None)
+  dq, dk, dv = plan.backward.prefill_bwd(
+      q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, causal=plan.causal,
+      scale=plan.scale, interpret=plan.interpret, config=plan.backward_config)
+  return dq, dk, dv, None, None
+
+
+_prefill.defvjp(_prefill_fwd, _prefill_bwd)

@@ -1,0 +1,56 @@
+"""Which registered backends a parity case runs on, in each of the three tiers.
+
+Tiers: ``"cpu"`` (a Pallas backend in its interpreter, the ``"xla"`` backend as it is), ``"cuda"``
+(lowered for CUDA on this machine, planned for a GPU), ``"gpu"`` (compiled, on a GPU). A backend
+joins a case when the registry says it can run it, so a new backend enters every suite by being
+registered.
+"""
+import jax.numpy as jnp
+import pytest
+
+from gqa_pallas import devices, registry
+from tests.conftest import HAS_GPU
+
+PALLAS_BACKENDS = tuple(name for name in registry.names() if name != "xla")
+# The GPU the "cuda" tier plans for (its tuning tables, its split counts), and the one the GPU
+# tier is listed for on a machine without a GPU (where those tests are skipped).
+CUDA_TARGET = devices.H200
+
+
+def interpret_for(name, tier) -> bool:
+  """The ``interpret=`` a backend is called with in a tier."""
+  return tier == "cpu" and name in PALLAS_BACKENDS
+
+
+def device_for(tier) -> devices.DeviceInfo:
+  if tier == "cpu":
+    return devices.CPU
+  if tier == "gpu" and HAS_GPU:
+    return devices.current()
+  return CUDA_TARGET
+
+
+def runs(name, op, dims, dtype, tier, causal=True) -> bool:
+  """Whether backend ``name`` can run this ``op`` in ``tier`` (the registry's answer)."""
+  backend = registry.get(name)
+  problem = registry.Problem(op, dims, jnp.dtype(dtype).name, causal=causal,
+                             interpret=interpret_for(name, tier), device=device_for(tier))
+  return op in backend.ops and backend.unsupported(problem) is None
+
+
+def params(op, cases, tier, dims_of, case_id):
+  """``pytest.param(backend_name, case)`` for every (backend, case) pair that runs in ``tier``.
+
+  ``dims_of(case) -> (AttentionDims, dtype, causal)``. The ``"cuda"`` and ``"gpu"`` tiers list
+  the Pallas backends only (``"xla"`` is the reference those tests compare with); the ``"gpu"``
+  tier is marked ``gpu``.
+  """
+  names = registry.names() if tier == "cpu" else PALLAS_BACKENDS
+  marks = [pytest.mark.gpu] if tier == "gpu" else []
+  out = []
+  for case in cases:
+    dims, dtype, causal = dims_of(case)
+    for name in names:
+      if runs(name, op, dims, dtype, tier, causal):
+        out.append(pytest.param(name, case, id=f"{name}-{case_id(case)}", marks=marks))
+  return out

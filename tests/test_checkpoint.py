@@ -1,0 +1,105 @@
+"""Loading Hugging Face checkpoints: round trips (sharded, bf16) and clear refusals. (Files
+written by HF itself: ``test_hf_parity.py``.)"""
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_layers import UnsupportedCheckpointError, generate, load_hf_checkpoint, stack_layer_params
+from tests.decoder_fixtures import hf_config, hf_tensors, ragged_prompts, write_checkpoint
+
+
+def test_load_round_trip_sharded_and_bf16(tiny, tmp_path):
+  config, params = tiny
+  tensors = hf_tensors(params, config)
+  cfg, loaded = load_hf_checkpoint(write_checkpoint(tmp_path / "single", hf_config(), tensors))
+  assert cfg == config
+  chex.assert_trees_all_equal(loaded, params)
+  cfg2, sharded = load_hf_checkpoint(write_checkpoint(tmp_path / "sharded", hf_config(), tensors,
+                                            shards=3))
+  chex.assert_trees_all_equal(sharded, params)
+  cfg_scan, scan = load_hf_checkpoint(tmp_path / "single", scan_layers=True)
+  chex.assert_trees_all_equal(scan, stack_layer_params(params, 2))
+
+  import ml_dtypes
+  bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+  cfg16, p16 = load_hf_checkpoint(
+      write_checkpoint(tmp_path / "bf16", hf_config(dtype="bfloat16"), bf16))
+  assert cfg16.dtype == cfg16.param_dtype == "bfloat16"
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(p16))
+  np.testing.assert_array_equal(
+      np.asarray(p16["layers_1"]["attn"]["key"]["kernel"], np.float32),
+      np.asarray(params["layers_1"]["attn"]["key"]["kernel"]).astype(ml_dtypes.bfloat16).astype(
+          np.float32))
+  # bf16 weights, float32 compute on request.
+  cfg_mixed, _ = load_hf_checkpoint(tmp_path / "bf16", dtype="float32")
+  assert (cfg_mixed.dtype, cfg_mixed.param_dtype) == ("float32", "bfloat16")
+
+  # Legacy (transformers 4.x) config fields; tied embeddings inferred from a missing lm_head.
+  legacy = hf_config(rope_theta=500000.0, torch_dtype="float32", rope_scaling=None)
+  del legacy["rope_parameters"], legacy["dtype"], legacy["tie_word_embeddings"]
+  tied = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+  cfg_l, p_l = load_hf_checkpoint(write_checkpoint(tmp_path / "legacy", legacy, tied))
+  assert cfg_l.rope_theta == 500000.0 and cfg_l.tie_word_embeddings and "lm_head" not in p_l
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "not supported"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "llama3"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "linear"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=4096),
+     "sliding"),
+    (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True,
+          sliding_window=32), "sliding"),
+    (dict(layer_types=["full_attention", "sliding_attention"], sliding_window=16), "sliding"),
+    (dict(quantization_config={"quant_method": "gptq"}), "quantized"),
+], ids=["arch", "llama3-rope", "linear-rope", "gelu", "mistral-window", "qwen2-window",
+        "layer-types", "quantized"])
+def test_loader_refuses_unsupported(tiny, tmp_path, overrides, match):
+  config, params = tiny
+  path = write_checkpoint(tmp_path, hf_config(**overrides), hf_tensors(params, config))
+  with pytest.raises(UnsupportedCheckpointError, match=match):
+    load_hf_checkpoint(path)
+
+
+def test_loader_sliding_window_opt_in(tiny, tmp_path):
+  config, params = tiny
+  path = write_checkpoint(tmp_path, hf_config(architectures=["MistralForCausalLM"],
+                                             model_type="mistral", sliding_window=16),
+                          hf_tensors(params, config))
+  cfg, loaded = load_hf_checkpoint(path, allow_sliding_window=True)
+  assert cfg.sliding_window == 16 and cfg.max_sequence_length == 16
+  prompts, lengths = ragged_prompts(0, [4, 3])
+  generate(cfg, loaded, prompts, lengths, 13, implementation="xla")  # 4 + 13 - 1 = 16 positions
+  with pytest.raises(ValueError, match="sliding window"):
+    generate(cfg, loaded, prompts, lengths, 14, implementation="xla")
+
+
+def test_loader_tensor_errors(tiny, tmp_path):
+  config, params = tiny
+  tensors = hf_tensors(params, config)
+  missing = dict(tensors)
+  del missing["model.layers.1.mlp.up_proj.weight"]
+  with pytest.raises(ValueError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+    load_hf_checkpoint(write_checkpoint(tmp_path / "missing", hf_config(), missing))
+  wrong = dict(tensors, **{"model.norm.weight": np.ones(31, np.float32)})
+  with pytest.raises(ValueError, match="shape"):
+    load_hf_checkpoint(write_checkpoint(tmp_path / "shape", hf_config(), wrong))
+  extra = dict(tensors, **{"model.layers.2.mlp.up_proj.weight": np.ones((64, 32), np.float32)})
+  with pytest.raises(ValueError, match="unexpected tensors"):
+    load_hf_checkpoint(write_checkpoint(tmp_path / "extra", hf_config(), extra))
+  ok = dict(tensors, **{"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)})
+  load_hf_checkpoint(write_checkpoint(tmp_path / "invfreq", hf_config(), ok))  # ignored
+  (tmp_path / "bin").mkdir()
+  (tmp_path / "bin" / "config.json").write_text(json.dumps(hf_config()))
+  (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match="safetensors"):
+    load_hf_checkpoint(tmp_path / "bin")
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    load_hf_checkpoint(tmp_path / "nowhere")
+
+

@@ -1,0 +1,54 @@
+"""The ``gqa-pallas`` command line (``flax_layers.cli``): generate and the demo."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from flax_layers import generate
+from tests.decoder_fixtures import hf_config, hf_tensors, write_checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def test_cli_generate_random_model(capsys):
+  from flax_layers.cli import main
+  assert main(["generate", "--max-new-tokens", "5", "--batch", "2", "--json", "--no-warmup"]) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  rows = json.loads(out[0])
+  assert len(rows) == 2 and all(len(r["new_ids"]) == 5 for r in rows)
+  assert "tokens/s" in out[-1]
+
+
+def test_cli_generate_checkpoint_with_tokenizer(tiny, tmp_path, capsys):
+  tokenizers = pytest.importorskip("tokenizers")
+  from flax_layers.cli import main
+  config, params = tiny
+  path = write_checkpoint(tmp_path, hf_config(eos_token_id=None), hf_tensors(params, config))
+  vocab = {f"w{i}": i for i in range(64)}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.save(os.path.join(path, "tokenizer.json"))
+  assert main(["generate", "--checkpoint", str(path), "--prompt", "w1 w2 w3",
+               "--max-new-tokens", "4", "--no-warmup"]) == 0
+  out = capsys.readouterr().out
+  assert "[0] prompt ids: 1 2 3" in out and "[0] text: w" in out and "tokens/s" in out
+  # Token ids agree with the Python API.
+  assert main(["generate", "--checkpoint", str(path), "--prompt-ids", "1 2 3",
+               "--max-new-tokens", "4", "--json", "--no-warmup"]) == 0
+  row = json.loads(capsys.readouterr().out.strip().splitlines()[0])[0]
+  expected, _ = generate(config, params, np.array([[1, 2, 3]], np.int32), np.array([3]), 4,
+                         implementation="xla")
+  assert row["new_ids"] == np.asarray(expected)[0].tolist()
+  assert row["text"] == " ".join(f"w{i}" for i in row["new_ids"])
+
+
+def test_cli_demo(capsys):
+  """The README's main job (`make demo`), shortened."""
+  from flax_layers.cli import main
+  assert main(["demo", "--max-new-tokens", "6"]) == 0
+  out = capsys.readouterr().out
+  assert "max |kernel - reference|" in out and "tokens/s" in out
+  assert "identical tokens" in out and "demo passed" in out
