@@ -71,6 +71,12 @@ def normalize(x, denom):
   return jnp.where(denom > 0, x / jnp.where(denom > 0, denom, 1), 0)
 
 
+def empty_result(q, return_lse: bool):
+  """The result when no row has a key to see (``B``, ``T`` or ``S`` is 0): 0, lse ``-inf``."""
+  out = jnp.zeros(q.shape, q.dtype)
+  return (out, jnp.full(q.shape[:3], -jnp.inf, jnp.float32)) if return_lse else out
+
+
 def attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale=None,
                         return_lse=False, compute_dtype=jnp.float32):
   """Grouped-query attention, computed directly.

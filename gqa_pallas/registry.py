@@ -36,6 +36,7 @@ OPS = ("prefill", "prefill_bwd", "decode", "append")
 # name -> module holding ``BACKEND``. Registered on first use (gqa_pallas imports them all up
 # front, see gqa_pallas/__init__.py).
 _ENTRIES = (
+    ("mosaic", "gqa_pallas.mosaic.backend"),
     ("triton", "gqa_pallas.triton.backend"),
     ("xla", "gqa_pallas.xla"),
 )
@@ -84,12 +85,15 @@ class Backend:
     config_types: op -> the config type it takes (an op not listed takes no config).
     differentiable: JAX can differentiate its prefill itself (no ``custom_vjp`` needed).
     custom_call: a string the CUDA lowering of its kernels contains (tests look for it).
+    slow_interpreter: its interpreter takes seconds per small case (the CPU-tier parity
+      suites give it a short list of cases that still covers every class).
   """
   name: str = ""
   ops: frozenset[str] = frozenset()
   config_types: dict[str, type] = {}
   differentiable: bool = False
   custom_call: str = ""
+  slow_interpreter: bool = False
 
   def unsupported(self, problem: Problem) -> str | None:
     """``None`` if this backend can run ``problem``, else why not (input and what it takes)."""

@@ -38,19 +38,26 @@ def runs(name, op, dims, dtype, tier, causal=True) -> bool:
   return op in backend.ops and backend.unsupported(problem) is None
 
 
-def params(op, cases, tier, dims_of, case_id):
+def params(op, cases, tier, dims_of, case_id, slow_cases=()):
   """``pytest.param(backend_name, case)`` for every (backend, case) pair that runs in ``tier``.
 
   ``dims_of(case) -> (AttentionDims, dtype, causal)``. The ``"cuda"`` and ``"gpu"`` tiers list
   the Pallas backends only (``"xla"`` is the reference those tests compare with); the ``"gpu"``
-  tier is marked ``gpu``.
+  tier is marked ``gpu``. In the ``"cpu"`` tier a backend with a slow interpreter runs
+  ``slow_cases`` (a short list covering the same classes) instead of ``cases``.
   """
   names = registry.names() if tier == "cpu" else PALLAS_BACKENDS
   marks = [pytest.mark.gpu] if tier == "gpu" else []
   out = []
-  for case in cases:
-    dims, dtype, causal = dims_of(case)
-    for name in names:
+  for name in names:
+    slow = tier == "cpu" and registry.get(name).slow_interpreter
+    for case in (slow_cases if slow else cases):
+      dims, dtype, causal = dims_of(case)
       if runs(name, op, dims, dtype, tier, causal):
         out.append(pytest.param(name, case, id=f"{name}-{case_id(case)}", marks=marks))
   return out
+
+
+def first_dtype(name, op, dims, dtypes, tier="cpu"):
+  """The first of ``dtypes`` that backend ``name`` runs ``op`` with (None if none)."""
+  return next((d for d in dtypes if runs(name, op, dims, d, tier)), None)

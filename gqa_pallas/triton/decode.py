@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from gqa_pallas import devices
+from gqa_pallas import devices, reference
 from gqa_pallas.triton import compat as tc
 from gqa_pallas.triton import flash
 
@@ -310,7 +310,7 @@ def decode_attention(q, k, v, q_offset, lengths, *, scale, return_lse, interpret
   ``int32[B]`` or ``None`` for ``lengths - T`` (derived inside the kernel).
   """
   if q.shape[0] == 0 or q.shape[1] == 0:
-    return flash.empty_result(q, return_lse)
+    return reference.empty_result(q, return_lse)
   offset_from_lengths = q_offset is None
   return _decode_call(q, k, v, lengths if offset_from_lengths else q_offset, lengths,
                       scale=float(scale), return_lse=return_lse, interpret=interpret,

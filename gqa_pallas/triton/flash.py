@@ -36,12 +36,6 @@ def head_dim_unsupported(head_dim: int) -> str | None:
   return None
 
 
-def empty_result(q, return_lse: bool):
-  """The result for ``B == 0`` or ``T == 0`` (no program to launch): zeros, lse ``-inf``."""
-  out = jnp.zeros(q.shape, q.dtype)
-  return (out, jnp.full(q.shape[:3], -jnp.inf, jnp.float32)) if return_lse else out
-
-
 def tile_rows(first_row, block_m: int, group_size: int, num_rows: int):
   """Position ``t``, head ``g`` and validity of the tile's rows (each ``int32[block_m]``)."""
   f = first_row + lax.broadcasted_iota(jnp.int32, (block_m,), 0)

@@ -1,0 +1,39 @@
+"""The registry entry of the Mosaic GPU kernels: Hopper (sm90) prefill."""
+from __future__ import annotations
+
+from gqa_pallas import registry
+from gqa_pallas.mosaic import prefill as prefill_kernel
+
+
+class MosaicBackend(registry.Backend):
+  name = "mosaic"
+  ops = frozenset({"prefill"})
+  config_types = {"prefill": prefill_kernel.MosaicPrefillConfig}
+  custom_call = "mosaic_gpu"
+  slow_interpreter = True  # Mosaic GPU's interpreter: seconds per small case
+
+  def unsupported(self, problem):
+    device = problem.device
+    if not problem.interpret and not (device.is_gpu and device.compute_capability == (9, 0)):
+      arch = "".join(map(str, device.compute_capability or ()))
+      return (f"a Hopper GPU, sm90 (the device is {device.kind!r}{f', sm{arch}' if arch else ''}"
+              "; interpret=True runs the kernel in Mosaic GPU's interpreter on the CPU)")
+    dims = problem.dims
+    return prefill_kernel.unsupported(dims.head_dim, problem.dtype, dims.group_size)
+
+  def default_config(self, problem):
+    return prefill_kernel.default_config(problem.head_dim, problem.dtype, problem.device.kind)
+
+  def tuning_tables(self, op):
+    if op != "prefill":
+      return {}
+    return dict(prefill_kernel.TUNING_TABLES, heuristic=prefill_kernel.HEURISTIC_TABLE)
+
+  def prefill(self, q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret,
+              config):
+    return prefill_kernel.prefill_attention(
+        q, k, v, q_offset, kv_lengths, causal=causal, scale=scale, return_lse=return_lse,
+        interpret=interpret, config=config)
+
+
+BACKEND = MosaicBackend()
