@@ -53,6 +53,8 @@ def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale
       "prefill", q, k, v, q_offset, kv_lengths, scale, implementation, interpret, config, causal)
   if 0 in (problem.dims.batch, problem.dims.q_len, problem.dims.kv_len):
     return reference.empty_result(q, return_lse)  # nothing to launch, whatever the backend
+  # Lengths past S act as S, negative ones as 0 (design.md): the kernels get them in range.
+  kv_lengths = jnp.clip(kv_lengths, 0, problem.dims.kv_len)
   backward = registry.resolve_backward(backend, problem)
   plan = vjp.Plan(forward=backend, backward=backward, causal=bool(causal), scale=scale,
                   return_lse=bool(return_lse), interpret=bool(interpret), config=config,

@@ -61,3 +61,14 @@ def params(op, cases, tier, dims_of, case_id, slow_cases=()):
 def first_dtype(name, op, dims, dtypes, tier="cpu"):
   """The first of ``dtypes`` that backend ``name`` runs ``op`` with (None if none)."""
   return next((d for d in dtypes if runs(name, op, dims, d, tier)), None)
+
+
+def tuning_entries(op):
+  """``pytest.param(backend, device kind, (head dim, dtype), config)`` for every tuning-table
+  entry of ``op`` of every Pallas backend (each is lowered for CUDA in the op's suite)."""
+  out = []
+  for name in PALLAS_BACKENDS:
+    for kind, table in registry.get(name).tuning_tables(op).items():
+      for key, config in sorted(table.items()):
+        out.append(pytest.param(name, kind, key, config, id=f"{name}-{kind}-{key[0]}-{key[1]}"))
+  return out

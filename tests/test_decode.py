@@ -173,16 +173,7 @@ def test_jit_decode_step_with_append_and_donation(name):
   np.testing.assert_array_equal(cache.lengths, [5, 5])
 
 
-def _tuning_entries():
-  out = []
-  for name in backend_cases.PALLAS_BACKENDS:
-    for kind, table in registry.get(name).tuning_tables("decode").items():
-      for key, config in sorted(table.items()):
-        out.append(pytest.param(name, kind, key, config, id=f"{name}-{kind}-{key[0]}-{key[1]}"))
-  return out
-
-
-@pytest.mark.parametrize("name,kind,key,config", _tuning_entries())
+@pytest.mark.parametrize("name,kind,key,config", backend_cases.tuning_entries("decode"))
 @pytest.mark.parametrize("batch", [2, 64], ids=["few-programs", "many-programs"])
 def test_every_tuning_entry_lowers_for_cuda(name, kind, key, config, batch):
   """Each decode tuning entry lowered for CUDA on this CPU through ``gqa_decode``: with few

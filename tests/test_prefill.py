@@ -164,17 +164,7 @@ def test_empty_query_batch_and_keys(name):
     assert not np.any(np.asarray(out, np.float32)) and np.all(np.isneginf(lse))
 
 
-def _tuning_entries():
-  """(backend, device kind, (head dim, dtype), config) for every prefill tuning entry."""
-  out = []
-  for name in backend_cases.PALLAS_BACKENDS:
-    for kind, table in registry.get(name).tuning_tables("prefill").items():
-      for key, config in sorted(table.items()):
-        out.append(pytest.param(name, kind, key, config, id=f"{name}-{kind}-{key[0]}-{key[1]}"))
-  return out
-
-
-@pytest.mark.parametrize("name,kind,key,config", _tuning_entries())
+@pytest.mark.parametrize("name,kind,key,config", backend_cases.tuning_entries("prefill"))
 def test_every_tuning_entry_lowers_for_cuda(name, kind, key, config):
   """Interpreters skip lowering: lower each tuning-table entry for CUDA on this CPU, through
   ``gqa_attention`` (validation and dispatch included), planned for a GPU."""

@@ -328,7 +328,13 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "return_lse", "interpret",
                                              "config"))
-def _prefill_call(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret, config):
+def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret,
+                      config):
+  """Runs the kernel on validated inputs (see ``gqa_pallas.gqa_attention`` for semantics).
+
+  ``q_offset``/``kv_lengths`` are ``int32[B]``, defaults resolved and lengths in ``[0, S]``;
+  ``scale`` a float; B, T and S are non-zero (``gqa_attention`` answers empty inputs itself).
+  """
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   g = n // kh
@@ -391,14 +397,3 @@ def _prefill_call(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, i
     return out, jnp.transpose(outs[1][:, :, :t_len], (0, 2, 1))
   return out
 
-
-def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret,
-                      config: MosaicPrefillConfig):
-  """Runs the kernel on validated inputs (see ``gqa_pallas.gqa_attention`` for semantics).
-
-  ``q_offset``/``kv_lengths`` are ``int32[B]`` (defaults already resolved); ``scale`` a float;
-  B, T and S are non-zero (``gqa_attention`` answers empty inputs without a launch).
-  """
-  kv_lengths = jnp.clip(kv_lengths, 0, k.shape[1])
-  return _prefill_call(q, k, v, q_offset, kv_lengths, causal=causal, scale=float(scale),
-                       return_lse=return_lse, interpret=interpret, config=config)
