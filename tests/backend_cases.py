@@ -17,6 +17,12 @@ PALLAS_BACKENDS = tuple(name for name in registry.names() if name != "xla")
 CUDA_TARGET = devices.H200
 
 
+def implementing(op, pallas_only=True):
+  """The registered backends (the Pallas ones, by default) that implement ``op``."""
+  names = PALLAS_BACKENDS if pallas_only else registry.names()
+  return tuple(name for name in names if op in registry.get(name).ops)
+
+
 def interpret_for(name, tier) -> bool:
   """The ``interpret=`` a backend is called with in a tier."""
   return tier == "cpu" and name in PALLAS_BACKENDS

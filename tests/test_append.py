@@ -33,8 +33,7 @@ def _assert_same(a, b):
 
 
 # Backends with an append of their own (the reference, "xla", is what they are compared with).
-APPEND_BACKENDS = [name for name in backend_cases.PALLAS_BACKENDS
-                   if "append" in registry.get(name).ops]
+APPEND_BACKENDS = backend_cases.implementing("append")
 
 
 def _both(name, cache, k_new, v_new, num_new, interpret=True):

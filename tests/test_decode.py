@@ -111,7 +111,10 @@ def test_parity_cpu(name, case):
   _run_case(name, case, "cpu", explicit_offset=zlib.crc32(_case_id(case).encode()) % 2 == 1)
 
 
-@pytest.mark.parametrize("name", backend_cases.PALLAS_BACKENDS)
+DECODE_KERNELS = backend_cases.implementing("decode")
+
+
+@pytest.mark.parametrize("name", DECODE_KERNELS)
 def test_explicit_offset_equals_derived_offset(name):
   case = (3, 3, 70, 8, 2, 64, F32, [0, 5, 70], 3)
   derived = _run_case(name, case, "cpu")
@@ -119,7 +122,7 @@ def test_explicit_offset_equals_derived_offset(name):
   np.testing.assert_array_equal(explicit, derived)
 
 
-@pytest.mark.parametrize("name", gp.IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", backend_cases.implementing("decode", pallas_only=False))
 def test_batched_equals_per_row_calls(name):
   lengths = jnp.array([40, 0, 17], jnp.int32)
   q, k, v = numerics.random_qkv(11, 3, 2, 40, 8, 2, 32, F32, lengths)
@@ -146,7 +149,7 @@ def test_single_token_layout_and_explicit_offset():
   chex.assert_trees_all_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", backend_cases.PALLAS_BACKENDS)
+@pytest.mark.parametrize("name", DECODE_KERNELS)
 def test_jit_decode_step_with_append_and_donation(name):
   """A jit step (append + decode) with the cache donated: no retrace, in place, correct."""
   b, s_max, n, kh, h = 2, 24, 4, 2, 32

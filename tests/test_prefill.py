@@ -118,7 +118,7 @@ def test_default_dispatch_in_interpret_mode_and_scale():
   numerics.assert_parity(out, ref, ref)
 
 
-@pytest.mark.parametrize("name", backend_cases.PALLAS_BACKENDS)
+@pytest.mark.parametrize("name", backend_cases.implementing("prefill"))
 def test_custom_scale(name):
   dtype = backend_cases.first_dtype(name, "prefill", AttentionDims(1, 12, 20, 4, 2, 64),
                                     (F32, BF16))
@@ -129,7 +129,7 @@ def test_custom_scale(name):
                                                           compute_dtype=dtype))
 
 
-@pytest.mark.parametrize("name", backend_cases.PALLAS_BACKENDS)
+@pytest.mark.parametrize("name", backend_cases.implementing("prefill"))
 def test_gradients_match_reference(name):
   h = 64 if registry.get(name).slow_interpreter else 32
   dtype = backend_cases.first_dtype(name, "prefill", AttentionDims(1, 10, 14, 4, 2, h),
@@ -151,7 +151,7 @@ def test_gradients_match_reference(name):
     numerics.assert_parity(a, b, b_d, factor=3.0, name="gradient")
 
 
-@pytest.mark.parametrize("name", gp.IMPLEMENTATIONS)
+@pytest.mark.parametrize("name", backend_cases.implementing("prefill", pallas_only=False))
 def test_empty_query_batch_and_keys(name):
   interpret = backend_cases.interpret_for(name, "cpu")
   dtype = backend_cases.first_dtype(name, "prefill", AttentionDims(2, 3, 5, 4, 2, 64),
