@@ -58,7 +58,7 @@ def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale
   backward = registry.resolve_backward(backend, problem)
   plan = vjp.Plan(forward=backend, backward=backward, causal=bool(causal), scale=scale,
                   return_lse=bool(return_lse), interpret=bool(interpret), config=config,
-                  backward_config=None)
+                  backward_config=backward.default_config(registry.backward_problem(problem)))
   return vjp.prefill(q, k, v, q_offset, kv_lengths, plan)
 
 

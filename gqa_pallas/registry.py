@@ -177,7 +177,7 @@ def resolve(implementation: str | None, problem: Problem) -> Backend:
     backend = get(implementation)
     if problem.op not in backend.ops:
       raise ValueError(f"implementation={implementation!r} does not implement {problem.op}; "
-                       f"backends that do: {_implementing(problem.op)}.")
+                       f"backends that do: {implementing(problem.op)}.")
     reason = backend.unsupported(problem)
     if reason is not None:
       raise ValueError(f"implementation={implementation!r} cannot run this {problem.op}: "
@@ -207,13 +207,18 @@ def resolve_backward(forward: Backend, problem: Problem) -> Backend:
   """The backend of the prefill's gradients: the forward's own when it can run them, else the
   first in the device's preference that can, else the reference's VJP (``"xla"``, which takes
   any problem and ignores ``interpret``)."""
-  problem = dataclasses.replace(problem, op="prefill_bwd")
+  problem = backward_problem(problem)
   candidates = (forward.name,) + preference(problem.device, problem.interpret)
   for name in candidates:
     backend = _BACKENDS[name]
     if "prefill_bwd" in backend.ops and backend.unsupported(problem) is None:
       return backend
   return _BACKENDS["xla"]
+
+
+def backward_problem(problem: Problem) -> Problem:
+  """The ``prefill_bwd`` problem of a prefill problem."""
+  return dataclasses.replace(problem, op="prefill_bwd")
 
 
 def check_config(backend: Backend, op: str, config, problem: Problem):
@@ -231,5 +236,6 @@ def check_config(backend: Backend, op: str, config, problem: Problem):
   return config
 
 
-def _implementing(op: str) -> tuple[str, ...]:
+def implementing(op: str) -> tuple[str, ...]:
+  """The registered backends that implement ``op`` (one of ``OPS``)."""
   return tuple(name for name, b in _load().items() if op in b.ops)

@@ -19,8 +19,8 @@ CUDA_TARGET = devices.H200
 
 def implementing(op, pallas_only=True):
   """The registered backends (the Pallas ones, by default) that implement ``op``."""
-  names = PALLAS_BACKENDS if pallas_only else registry.names()
-  return tuple(name for name in names if op in registry.get(name).ops)
+  return tuple(name for name in registry.implementing(op)
+               if name in PALLAS_BACKENDS or not pallas_only)
 
 
 def interpret_for(name, tier) -> bool:

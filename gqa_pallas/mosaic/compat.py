@@ -38,12 +38,3 @@ def interpret_params():
                      "interpret=True needs jax >= 0.10.2.")
   return InterpretGPUParams()
 
-
-def reset_interpreter() -> None:
-  """Clears the interpreter's global state (needed after a kernel raised inside it)."""
-  try:
-    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import (  # pylint: disable=g-import-not-at-top
-        reset_gpu_interpret_mode_state)
-  except ImportError:
-    return
-  reset_gpu_interpret_mode_state()
