@@ -3,6 +3,7 @@ Triton kernel and cuDNN (a tuning aid; committed numbers come from ``benchmarks.
 
     PYTHONPATH=$PWD python3 -m benchmarks.probe_prefill [--implementation mosaic]
         [--shapes "2,8192,32,8,128;2,8192,14,2,64"] [--iterations 10]
+        [--configs "128x2,64x3"]   # mosaic block_kv x stages to time side by side
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from benchmarks import common
 common.quiet()
 
 import gqa_pallas as gp  # pylint: disable=g-import-not-at-top
+from gqa_pallas.mosaic.prefill import MosaicPrefillConfig  # pylint: disable=g-import-not-at-top
 from tests import numerics  # pylint: disable=g-import-not-at-top
 
 BF16, F16 = jnp.bfloat16, jnp.float16
@@ -53,9 +55,14 @@ def main(argv=None):
   parser.add_argument("--implementation", default="mosaic")
   parser.add_argument("--shapes", default=TIMING_SHAPES, help="B,S,N,K,H;... (causal, T == S)")
   parser.add_argument("--iterations", type=int, default=10)
+  parser.add_argument("--configs", default="",
+                      help="mosaic configs to time, block_kv x stages (default: the table's)")
+  parser.add_argument("--skip-parity", action="store_true")
   args = parser.parse_args(argv)
+  configs = [None] + [MosaicPrefillConfig(*(int(x) for x in c.split("x")))
+                      for c in args.configs.split(",") if c]
   start = time.time()
-  for case in PARITY_CASES:
+  for case in [] if args.skip_parity else PARITY_CASES:
     parity(args.implementation, *case)
   print(f"parity done {time.time() - start:.0f}s", flush=True)
   for shape in args.shapes.split(";"):
@@ -66,16 +73,20 @@ def main(argv=None):
       k, v = common.rand(ks[1], (b, s, kh, h), dtype), common.rand(ks[2], (b, s, kh, h), dtype)
       flops = 2 * b * s * s * n * h
       cells = []
-      for name in dict.fromkeys((args.implementation, "triton", "cudnn")):
+      runs = [(args.implementation, c) for c in configs if args.implementation == "mosaic" or
+              c is None] + [("triton", None), ("cudnn", None)]
+      for name, config in dict.fromkeys(runs):
         fn = (lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                            implementation="cudnn")
-              ) if name == "cudnn" else (lambda q, k, v, name=name: gp.gqa_attention(
-                  q, k, v, implementation=name))
+              ) if name == "cudnn" else (lambda q, k, v, name=name, config=config:
+                                         gp.gqa_attention(q, k, v, implementation=name,
+                                                          config=config))
+        label = name if config is None else f"{name}[{config.block_kv}x{config.stages}]"
         try:
           ms = common.measure_ms(jax.jit(fn), q, k, v, iterations=args.iterations)
-          cells.append(f"{name} {flops / ms / 1e9:.0f}")
+          cells.append(f"{label} {flops / ms / 1e9:.0f}")
         except Exception as e:  # pylint: disable=broad-except
-          cells.append(f"{name} FAIL {type(e).__name__}: {str(e)[:200]}")
+          cells.append(f"{label} FAIL {type(e).__name__}: {str(e)[:200]}")
       print(f"time B{b} S{s} {n}:{kh} H{h} {jnp.dtype(dtype).name}: " + "  ".join(cells) +
             " TFLOP/s", flush=True)
   print(f"all done {time.time() - start:.0f}s", flush=True)

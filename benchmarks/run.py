@@ -1,6 +1,6 @@
 """One GPU run: ceilings, the anchor prefill grid and the anchor decode grid, side by side.
 
-    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill|decode|step] [--sweep]
+    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill|chunked|decode|step] [--sweep]
         [--dtypes bfloat16,float16] [--out FILE]
 
 Writes ``benchmarks/results/<device>.json`` (``--only step``: ``<device>-decode-step.json``; or
@@ -177,6 +177,47 @@ def bench_prefill(sweep: bool, iterations: int, dtypes, rows):
             f"err {row['rel_err_vs_f32_ref']:.2e}", flush=True)
 
 
+def bench_chunked_prefill(iterations: int, rows, dtype=jnp.bfloat16):
+  """Chunked prefill (T new tokens onto a cache of S, bottom-right), TFLOP/s of the visible
+  work, every Pallas backend; each row also carries the default backend's square-causal
+  TFLOP/s for its head config (``square_tflops``), measured in the same run."""
+  square = {}
+  for (heads, (b, s, n, kh, h)) in shapes.CHUNKED_SQUARE.items():
+    ks = jax.random.split(jax.random.key(s + n), 3)
+    q = common.rand(ks[0], (b, s, n, h), dtype)
+    k, v = common.rand(ks[1], (b, s, kh, h), dtype), common.rand(ks[2], (b, s, kh, h), dtype)
+    row = _Row("tflops", 2 * b * s * s * n * h)
+    row.record("ours", lambda q, k, v: gp.gqa_attention(q, k, v), q, k, v,
+               iterations=iterations)
+    square[heads] = dict(shape=[b, s, n, kh, h], tflops=row["tflops"].get("ours"))
+  for (b, t, s, n, kh, h) in shapes.CHUNKED_PREFILL:
+    ks = jax.random.split(jax.random.key(b * t + s + n), 3)
+    q = common.rand(ks[0], (b, t, n, h), dtype)
+    k, v = common.rand(ks[1], (b, s, kh, h), dtype), common.rand(ks[2], (b, s, kh, h), dtype)
+    visible = t * (s - t) + t * (t + 1) // 2  # keys seen by the T rows, summed
+    flops = 4 * b * n * h * visible
+    default, backends = _backends("prefill", AttentionDims(b, t, s, n, kh, h), dtype)
+    row = _Row("tflops", flops, kind="chunked_prefill", B=b, T=t, S=s, N=n, K=kh, H=h,
+               dtype=jnp.dtype(dtype).name, causal=True, flops=flops, ours_backend=default,
+               square=square[(n, kh, h)])
+    for name in backends:
+      row.record(name, lambda q, k, v, name=name: gp.gqa_attention(q, k, v, implementation=name),
+                 q, k, v, iterations=iterations)
+    row.alias(default, "ours")
+    out = gp.gqa_attention(q, k, v)
+    g, tl = n // kh, min(t, 256)  # the last rows of one kv group: the full reference won't fit
+    ref = gp.attention_reference(q[:1, -tl:, :g], k[:1, :, :1], v[:1, :, :1],
+                                 q_offset=jnp.array([s - tl]))
+    row["rel_err_vs_f32_ref"] = _rel_err(out[:1, -tl:, :g], ref)
+    sq = square[(n, kh, h)]["tflops"]
+    if sq and "ours" in row["tflops"]:
+      row["vs_square"] = row["tflops"]["ours"] / sq
+    rows.append(row)
+    cells = "  ".join(f"{k} {v:.0f}" for k, v in row["tflops"].items())
+    print(f"chunked {row['dtype']} B{b} T{t} S{s} {n}:{kh} H{h}: {cells} TFLOP/s "
+          f"(square {sq or 0:.0f}) err {row['rel_err_vs_f32_ref']:.2e}", flush=True)
+
+
 def _prefill_baselines(record, row, q, k, v, scale):
   """XLA and JAX's own Pallas kernels on the same inputs."""
   from jax.experimental.pallas.ops.gpu import attention as pl_attention  # pylint: disable=g-import-not-at-top
@@ -323,7 +364,7 @@ def bench_decode_step(iterations: int, rows, loop_steps: int = 9):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--only", choices=["prefill", "decode", "step"], default=None)
+  parser.add_argument("--only", choices=["prefill", "chunked", "decode", "step"], default=None)
   parser.add_argument("--sweep", action="store_true", help="time several Triton configs")
   parser.add_argument("--dtypes", default="bfloat16,float16",
                       help="prefill input dtypes, comma-separated")
@@ -351,6 +392,8 @@ def main(argv=None):
   if args.only in (None, "prefill"):
     dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
     bench_prefill(args.sweep, args.iterations, dtypes, rows)
+  if args.only in (None, "chunked"):
+    bench_chunked_prefill(args.iterations, rows)
   if args.only in (None, "decode"):
     grid = None
     if args.decode_shapes:

@@ -44,7 +44,7 @@ _ENTRIES = (
 # Preference of implementation=None, by device (first match wins; unregistered names are
 # skipped). interpret=True asks for a Pallas kernel's code run on the CPU.
 _PREFERENCE = {
-    "sm90": ("triton", "xla"),
+    "sm90": ("mosaic", "triton", "xla"),
     "gpu": ("triton", "xla"),
     "interpret": ("triton",),
     "other": ("xla",),
@@ -192,9 +192,11 @@ def resolve(implementation: str | None, problem: Problem) -> Backend:
     reason = backend.unsupported(problem)
     if reason is None:
       if reasons and problem.device.is_gpu:
-        # Not silent: a GPU call that lands on a later backend (e.g. XLA) says why.
-        logger.warning("gqa_pallas: %s runs on implementation=%r: %s", problem.op, name,
-                       "; ".join(reasons))
+        # Not silent: a GPU call that lands on XLA (no kernel takes it) warns why; one that a
+        # later kernel takes (Mosaic GPU -> Triton, e.g. float32) says so in the debug log.
+        logger.log(logging.WARNING if name == "xla" else logging.DEBUG,
+                   "gqa_pallas: %s runs on implementation=%r: %s", problem.op, name,
+                   "; ".join(reasons))
       return backend
     reasons.append(f"{name!r}: {reason}")
   if problem.interpret:

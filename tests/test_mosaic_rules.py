@@ -25,7 +25,7 @@ def test_what_it_takes():
   assert "mosaic" in gp.IMPLEMENTATIONS
   for h in (64, 128):
     for dtype in ("bfloat16", "float16"):
-      for n, k in ((32, 8), (14, 2), (8, 8), (16, 1), (28, 4)):
+      for n, k in ((32, 8), (14, 2), (8, 8), (16, 1), (28, 4), (40, 1), (64, 2)):
         assert _reason(h, dtype, n, k) is None, (h, dtype, n, k)
   assert _reason(interpret=True, device=devices.CPU) is None
 
@@ -36,7 +36,6 @@ def test_what_it_takes():
     (dict(dtype="float32"), r"dtype=float32 \(the Mosaic GPU prefill takes bfloat16 and float16"),
     (dict(head_dim=256), r"head_dim=256 \(the Mosaic GPU prefill takes head dims \(64, 128\)"),
     (dict(head_dim=96), r"head_dim=96"),
-    (dict(n=32, k=1), r"group size N // K = 32 \(the Mosaic GPU prefill packs at most 16"),
 ])
 def test_what_it_refuses(kwargs, match):
   reason = _reason(**kwargs)
@@ -50,17 +49,49 @@ def test_an_explicit_call_names_the_backend_and_input():
     gp.gqa_attention(q, k, v, implementation="mosaic", interpret=True)
 
 
-def test_not_in_the_default_preference_yet():
-  """Until the GPU parity grid and the speed bar are met, implementation=None keeps Triton."""
-  assert "mosaic" not in registry.preference(devices.H200, False)
+def test_default_on_hopper_only():
+  """implementation=None takes it on sm90; the interpreter default stays Triton (Mosaic GPU's
+  interpreter takes seconds per case), and other GPUs have no Mosaic GPU kernel."""
+  assert registry.preference(devices.H200, False)[0] == "mosaic"
+  assert registry.preference(devices.H100, False)[0] == "mosaic"
+  assert "mosaic" not in registry.preference(A100, False)
   assert "mosaic" not in registry.preference(devices.CPU, True)
 
 
-@pytest.mark.parametrize("group,rows", [(1, (1, 128)), (2, (2, 64)), (4, (4, 32)), (7, (8, 16)),
-                                        (8, (8, 16)), (12, (16, 8)), (16, (16, 8))])
-def test_row_packing(group, rows):
-  """A 128-row tile holds every query head of the group (G padded to a power of two)."""
-  assert prefill.group_rows(group) == rows
+def test_kv_splits_fill_the_gpu():
+  """Few query tiles over a long cache split the keys; a square prefill that fills the GPU, or
+  a short cache, does not."""
+  def splits(b, t, s, n, k):
+    dims = AttentionDims(b, t, s, n, k, 128)
+    return prefill.default_config(dims, "bfloat16", "NVIDIA H200", 132).kv_splits
+  assert splits(1, 256, 131072, 8, 1) == 8        # 16 tiles: 8 splits of 128 blocks
+  assert splits(1, 1024, 32768, 32, 8) == 1       # 256 tiles already
+  assert splits(2, 8192, 8192, 32, 8) == 1
+  assert splits(1, 16, 512, 8, 1) == 1            # 4 blocks: too few to split
+  assert 1 < splits(1, 64, 16384, 4, 1) <= 16
+  cpu = prefill.default_config(AttentionDims(1, 256, 131072, 8, 1, 128), "bfloat16", "cpu",
+                               None)
+  assert cpu.kv_splits == 1
+
+
+@pytest.mark.parametrize("group,q_len", [(1, 200), (2, 64), (4, 33), (5, 17), (7, 9), (8, 1),
+                                         (12, 40), (32, 16), (40, 3)])
+def test_row_packing(group, q_len):
+  """The tiles cover every (head, position) of the group exactly once, in 8-row chunks, and a
+  tile's positions are contiguous (no head padded, whatever G is)."""
+  chunks, tiles = prefill.tiling(group, q_len)
+  rows_per_tile = prefill.TILE_ROWS // prefill.CHUNK_ROWS
+  assert tiles == -(-chunks // rows_per_tile)
+  seen = []
+  for tile in range(tiles):
+    firsts = set()
+    for j in range(tile * rows_per_tile, min((tile + 1) * rows_per_tile, chunks)):
+      head, first = (int(x) for x in prefill.chunk_origin(j, group))
+      seen += [(head, t) for t in range(first, min(first + prefill.CHUNK_ROWS, q_len))]
+      firsts.add(first)
+    span = sorted(firsts)
+    assert span == list(range(span[0], span[-1] + 1, prefill.CHUNK_ROWS))
+  assert sorted(seen) == [(h, t) for h in range(group) for t in range(q_len)]
 
 
 def test_config_validates_itself_and_fits_shared_memory():
@@ -68,6 +99,8 @@ def test_config_validates_itself_and_fits_shared_memory():
     prefill.MosaicPrefillConfig(block_kv=96)
   with pytest.raises(ValueError, match="stages must be an int >= 2"):
     prefill.MosaicPrefillConfig(stages=1)
+  with pytest.raises(ValueError, match="kv_splits must be an int >= 1"):
+    prefill.MosaicPrefillConfig(kv_splits=0)
   tables = dict(prefill.TUNING_TABLES, heuristic=prefill.HEURISTIC_TABLE)
   for table in tables.values():
     assert set(table) == {(h, dt) for h in (64, 128) for dt in ("bfloat16", "float16")}

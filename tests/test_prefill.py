@@ -36,8 +36,8 @@ CPU_CASES = [
 
 # The CPU tier of a backend whose interpreter takes seconds per case (Mosaic GPU's): fewer cases,
 # the same classes: tails of T and S, T != S, ragged lengths with NaN past them, an empty row,
-# negative offsets, G = 1 (two warpgroups on different positions), 2, 4, 7 (padded to 8), 8,
-# 16, head dims 64 and 128, bf16 and fp16, causal and full.
+# negative offsets, G = 1 (two warpgroups on different positions), 2, 4, 5, 7, 8, 16, 32 (tiles
+# that split a position block's heads), head dims 64 and 128, bf16 and fp16, causal and full.
 SLOW_INTERPRETER_CASES = [
     (1, 50, 77, 8, 2, 64, BF16, [70], None, True),            # G=4, T < S, tails, ragged
     (2, 20, 130, 14, 2, 64, F16, [130, 0], None, True),       # G=7, a row of length 0
@@ -45,6 +45,8 @@ SLOW_INTERPRETER_CASES = [
     (2, 33, 70, 16, 1, 64, F16, None, [37, -5], True),        # G=16, explicit offsets
     (1, 136, 100, 2, 2, 128, F16, None, None, True),          # G=1, T > S, two query tiles
     (1, 90, 60, 4, 2, 64, BF16, [41], None, False),           # G=2, non-causal, ragged
+    (1, 27, 35, 5, 1, 128, BF16, None, [8], True),            # G=5: chunks across tiles
+    (1, 9, 20, 32, 1, 64, F16, [17], None, True),             # G=32 (MQA 32:1)
 ]
 
 # The same grid at realistic sizes on the GPU.
@@ -118,14 +120,15 @@ def test_default_dispatch_in_interpret_mode_and_scale():
   numerics.assert_parity(out, ref, ref)
 
 
+@pytest.mark.parametrize("scale", [0.3, -0.25])  # a negative scale flips which score is largest
 @pytest.mark.parametrize("name", backend_cases.implementing("prefill"))
-def test_custom_scale(name):
+def test_custom_scale(name, scale):
   dtype = backend_cases.first_dtype(name, "prefill", AttentionDims(1, 12, 20, 4, 2, 64),
                                     (F32, BF16))
   q, k, v = numerics.random_qkv(3, 1, 12, 20, 4, 2, 64, dtype)
-  out = gp.gqa_attention(q, k, v, implementation=name, interpret=True, scale=0.3)
-  ref = gp.attention_reference(q, k, v, scale=0.3)
-  numerics.assert_parity(out, ref, gp.attention_reference(q, k, v, scale=0.3,
+  out = gp.gqa_attention(q, k, v, implementation=name, interpret=True, scale=scale)
+  ref = gp.attention_reference(q, k, v, scale=scale)
+  numerics.assert_parity(out, ref, gp.attention_reference(q, k, v, scale=scale,
                                                           compute_dtype=dtype))
 
 
@@ -178,6 +181,36 @@ def test_every_tuning_entry_lowers_for_cuda(name, kind, key, config):
     text = numerics.lower_for_cuda(lambda q, k, v, o, n: f(q, k, v, q_offset=o, kv_lengths=n),
                                    q, k, k, rows, rows)
   assert registry.get(name).custom_call in text
+
+
+def _mosaic_splits_case(kv_splits):
+  """Chunked prefill over a split key range: T != S, a row of length 0, an offset that puts
+  keys of the last split out of reach, tails in T and S."""
+  from gqa_pallas.mosaic.prefill import MosaicPrefillConfig  # pylint: disable=g-import-not-at-top
+  q, k, v = numerics.random_qkv(11, 3, 13, 300, 8, 2, 64, BF16,
+                                jnp.array([300, 0, 190], jnp.int32))
+  kw = dict(q_offset=jnp.array([287, 0, 100], jnp.int32),
+            kv_lengths=jnp.array([300, 0, 190], jnp.int32))
+  return (q, k, v), kw, MosaicPrefillConfig(block_kv=64, stages=2, kv_splits=kv_splits)
+
+
+@pytest.mark.skipif("mosaic" not in gp.IMPLEMENTATIONS, reason="no Mosaic GPU backend")
+def test_mosaic_kv_splits_cpu():
+  """Splits of the keys (the chunked-prefill launch), merged by their lse, in the interpreter."""
+  (q, k, v), kw, config = _mosaic_splits_case(kv_splits=3)
+  out, lse = gp.gqa_attention(q, k, v, implementation="mosaic", interpret=True, config=config,
+                              return_lse=True, **kw)
+  numerics.check_against_reference(out, lse, q, k, v, factor=2.0, **kw)
+
+
+@pytest.mark.skipif("mosaic" not in gp.IMPLEMENTATIONS, reason="no Mosaic GPU backend")
+def test_mosaic_kv_splits_lower_for_cuda():
+  (q, k, v), kw, config = _mosaic_splits_case(kv_splits=4)
+  f = functools.partial(gp.gqa_attention, implementation="mosaic", config=config)
+  with devices.target(backend_cases.CUDA_TARGET):
+    text = numerics.lower_for_cuda(lambda q, k, v, o, n: f(q, k, v, q_offset=o, kv_lengths=n),
+                                   q, k, v, kw["q_offset"], kw["kv_lengths"])
+  assert "mosaic_gpu" in text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_implementations_come_from_the_registry():
 
 def test_preference_by_device():
   assert registry.preference(devices.CPU, False) == ("xla",)
-  assert registry.preference(devices.H200, False)[-2:] == ("triton", "xla")
+  assert registry.preference(devices.H200, False) == ("mosaic", "triton", "xla")
   assert registry.preference(devices.DeviceInfo("gpu", "NVIDIA A100", (8, 0), 108),
                              False) == ("triton", "xla")
   assert registry.preference(devices.CPU, True)[-1] == "triton"
@@ -58,6 +58,15 @@ def test_default_on_a_gpu_falls_back_with_a_warning(caplog):
     backend = registry.resolve(None, _problem(head_dim=12, device=devices.H200))
   assert backend.name == "xla"
   assert any("head_dim=12" in r.getMessage() for r in caplog.records)
+
+
+def test_kernel_to_kernel_fallback_is_quiet(caplog):
+  """float32 on an H200: Mosaic GPU refuses it, Triton takes it, and nothing is warned."""
+  with caplog.at_level(logging.WARNING, logger="gqa_pallas"):
+    backend = registry.resolve(None, _problem(dtype="float32", device=devices.H200))
+  assert backend.name == "triton"
+  assert not caplog.records
+  assert registry.resolve(None, _problem(dtype="bfloat16", device=devices.H200)).name == "mosaic"
 
 
 @pytest.mark.parametrize("implementation", ["cudnn", "pallas", "XLA", "cuda-magic"])

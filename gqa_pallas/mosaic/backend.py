@@ -22,7 +22,8 @@ class MosaicBackend(registry.Backend):
     return prefill_kernel.unsupported(dims.head_dim, problem.dtype, dims.group_size)
 
   def default_config(self, problem):
-    return prefill_kernel.default_config(problem.head_dim, problem.dtype, problem.device.kind)
+    return prefill_kernel.default_config(problem.dims, problem.dtype, problem.device.kind,
+                                         problem.device.num_sms)
 
   def tuning_tables(self, op):
     if op != "prefill":

@@ -2,17 +2,19 @@
 
 Layout: q ``[B, T, N, H]``, k/v ``[B, S, K, H]``, group size ``G = N // K``.
 
-One CTA owns one kv head of one batch row and a tile of 128 query rows: the ``G`` query heads
-of the group times ``bt = 128 / G_pad`` positions (``G_pad``: ``G`` rounded up to a power of
-two), so each K/V tile in shared memory serves the whole group. Rows are ordered (head,
-position): head ``g`` holds rows ``[g * bt, (g + 1) * bt)``, loaded and stored with one TMA
-copy per head. Three warpgroups:
+One CTA owns one kv head of one batch row and a tile of 128 query rows taken from the ``G``
+query heads of the group, so each K/V tile in shared memory serves the whole group. The group's
+``G x T`` rows are cut into chunks of 8 positions of one head, ordered position-major (chunk
+``j``: head ``j % G``, positions from ``8 * (j // G)``), and a tile is 16 consecutive chunks, each
+loaded and stored with one TMA copy. No head is padded, whatever ``G`` is, and a tile's
+positions stay contiguous, which keeps its causal extent tight. Three warpgroups:
 
 * a producer streams K/V blocks by TMA into a ``stages``-deep ring, each slot completed on a
   barrier and released by the consumers on another;
 * two consumers own 64 rows each: S = Q K^T and O += P V with ``wgmma`` (float32
-  accumulators), the online softmax in base 2 with the scale folded into the exponent. A
-  schedule barrier makes one consumer's softmax overlap the other's matrix products.
+  accumulators), the online softmax in base 2 with the scale folded into the exponent (one FMA
+  per score). A schedule barrier makes one consumer's softmax overlap the other's matrix
+  products, and the wait for the next K block is issued while P V runs.
 
 Per row of the batch, keys at or past ``kv_lengths[b]`` and (causal) past each query's
 position ``q_offset[b] + t`` are masked; blocks entirely past them are never loaded, and only
@@ -24,11 +26,11 @@ reaches the output. Callers never pad: tiles that run past T or S are masked in 
 Interpreter forms (``interpret=True``, Mosaic GPU's interpreter on the CPU, which lacks a few
 idioms in jax 0.10): K arrives pre-transposed so S = Q K^T needs no transposed shared-memory
 operand; P goes through shared memory instead of registers; O accumulates in a fresh
-accumulator added to the carry instead of ``run_state``; layout casts are dropped; and the
-inputs are padded to whole tiles (the interpreter refuses out-of-bounds TMA), with NaN, so the
-masking of tails is still exercised. On the GPU, T and S that are not multiples of 8 are padded
-to the next multiple of 8 (with NaN, masked the same way): Mosaic GPU's TMA into tiled shared
-memory needs whole 8-row tiles of the array. Everything else (TMA, barriers, the ring, warpgroups,
+accumulator added to the carry instead of ``run_state``; layout casts are dropped; and K/V are
+padded to whole blocks (the interpreter refuses out-of-bounds TMA), with NaN, so the masking of
+tails is still exercised. In both modes T and S that are not multiples of 8 are padded to the
+next multiple of 8 (with NaN, masked the same way): Mosaic GPU's TMA into tiled shared memory
+needs whole 8-row tiles of the array. Everything else (TMA, barriers, the ring, warpgroups,
 both ``wgmma``s, the masks and the zeroing) is the same code.
 """
 from __future__ import annotations
@@ -53,8 +55,9 @@ LN_2 = math.log(2.0)
 ROWS_PER_WG = 64        # one wgmma M tile per consumer warpgroup
 CONSUMERS = 2
 TILE_ROWS = ROWS_PER_WG * CONSUMERS
+CHUNK_ROWS = 8          # positions of one head per TMA copy: one shared-memory tile row group
+CHUNKS_PER_WG = ROWS_PER_WG // CHUNK_ROWS
 HEAD_DIMS = (64, 128)
-MAX_GROUP = 16          # bt = 128 / G_pad >= 8 rows (one shared-memory tile row group)
 DTYPES = ("bfloat16", "float16")
 
 
@@ -65,15 +68,23 @@ class MosaicPrefillConfig:
   Attributes:
     block_kv: keys per K/V tile (64 or 128).
     stages: K/V tiles in flight in the shared-memory ring (at least 2).
+    kv_splits: CTAs that share one query tile's keys, each a contiguous range of K/V blocks,
+      their partial outputs merged by their lse afterwards (1: no split). The default config
+      picks it from the launch: a few query tiles over a long cache (chunked prefill) would
+      otherwise leave most of the GPU idle.
   """
   block_kv: int = 128
   stages: int = 2
+  kv_splits: int = 1
 
   def __post_init__(self):
     if self.block_kv not in (64, 128):
       raise ValueError(f"MosaicPrefillConfig.block_kv must be 64 or 128; got {self.block_kv!r}.")
     if not isinstance(self.stages, int) or self.stages < 2:
       raise ValueError(f"MosaicPrefillConfig.stages must be an int >= 2; got {self.stages!r}.")
+    if not isinstance(self.kv_splits, int) or self.kv_splits < 1:
+      raise ValueError(
+          f"MosaicPrefillConfig.kv_splits must be an int >= 1; got {self.kv_splits!r}.")
 
 
 # (head dim, dtype name) -> config; any device without a table of its own takes this one.
@@ -82,21 +93,29 @@ HEURISTIC_TABLE = {(h, dt): MosaicPrefillConfig(block_kv=128, stages=2)
 TUNING_TABLES: dict[str, dict[tuple[int, str], MosaicPrefillConfig]] = {}
 
 
-def default_config(head_dim: int, dtype, device_kind: str) -> MosaicPrefillConfig:
+MIN_BLOCKS_PER_SPLIT = 8  # below this a split's prologue and merge outweigh its keys
+
+
+def default_config(dims, dtype, device_kind: str, num_sms: int | None) -> MosaicPrefillConfig:
+  """The tuning table's blocks and stages; ``kv_splits`` so that the launch fills the GPU."""
   table = TUNING_TABLES.get(device_kind, HEURISTIC_TABLE)
-  return table[(head_dim, jnp.dtype(dtype).name)]
+  config = table[(dims.head_dim, jnp.dtype(dtype).name)]
+  return dataclasses.replace(config, kv_splits=kv_splits_for(dims, config.block_kv, num_sms))
+
+
+def kv_splits_for(dims, block_kv: int, num_sms: int | None) -> int:
+  """Splits of the keys when the query tiles alone give fewer CTAs than the GPU has SMs."""
+  if not num_sms:
+    return 1
+  ctas = tiling(dims.group_size, dims.q_len)[1] * dims.num_kv_heads * dims.batch
+  by_keys = pl.cdiv(dims.kv_len, block_kv) // MIN_BLOCKS_PER_SPLIT
+  return max(1, min(num_sms // ctas, by_keys))
 
 
 def shared_memory_bytes(head_dim: int, config: MosaicPrefillConfig, itemsize: int = 2) -> int:
   """Q/O tiles, the K/V ring, the lse rows: what one CTA allocates."""
   return (TILE_ROWS * head_dim + 2 * config.stages * config.block_kv * head_dim) * itemsize + (
       TILE_ROWS * 4)
-
-
-def group_rows(group_size: int) -> tuple[int, int]:
-  """``(G_pad, bt)``: heads per tile (a power of two) and positions per head."""
-  g_pad = 1 << max(group_size - 1, 0).bit_length()
-  return g_pad, TILE_ROWS // g_pad
 
 
 def unsupported(head_dim: int, dtype: str, group_size: int) -> str | None:
@@ -108,9 +127,6 @@ def unsupported(head_dim: int, dtype: str, group_size: int) -> str | None:
   if head_dim not in HEAD_DIMS:
     return (f"head_dim={head_dim} (the Mosaic GPU prefill takes head dims {HEAD_DIMS}; 256 "
             "does not fit its shared-memory ring and registers)")
-  if group_size > MAX_GROUP:
-    return (f"group size N // K = {group_size} (the Mosaic GPU prefill packs at most "
-            f"{MAX_GROUP} query heads per kv head into a 128-row tile)")
   return None
 
 
@@ -124,47 +140,67 @@ def _swizzled(shape, dtype):
                                               plgpu.SwizzleTransform(128)))
 
 
+def chunk_origin(chunk, group_size: int):
+  """(head within the group, first position) of chunk ``chunk``: chunks are position-major, so
+  the ``G`` heads of one 8-position block are consecutive and a tile's positions are contiguous."""
+  return lax.rem(chunk, group_size), lax.div(chunk, group_size) * CHUNK_ROWS
+
+
+def tiling(group_size: int, q_len: int) -> tuple[int, int]:
+  """``(chunks, tiles)``: 8-row chunks of one kv head's ``G x T`` query rows, 128-row tiles."""
+  chunks = group_size * pl.cdiv(q_len, CHUNK_ROWS)
+  return chunks, pl.cdiv(chunks, TILE_ROWS // CHUNK_ROWS)
+
+
 def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *,
-            causal, qk_scale, q_len, group_size, num_tiles, block_kv, stages, interpret):
+            causal, qk_scale, q_len, group_size, num_tiles, block_kv, stages, kv_splits,
+            blocks_per_split, interpret):
   """One (query tile, kv head, batch row); see the module docstring for the plan.
 
-  Refs: q/o ``[B, T, N, H]``; k/v ``[B, S, K, H]`` (interpret: k ``[B, K, H, S]``); lse
-  ``[B, N, T]`` or None; q_offset / kv_lengths ``int32[B]``.
+  Refs: q ``[B, T, N, H]``; k/v ``[B, S, K, H]`` (interpret: k ``[B, K, H, S]``); o
+  ``[P, B, T, N, H]`` and lse ``[P, B, N, T]`` (or None), ``P = kv_splits``; q_offset /
+  kv_lengths ``int32[B]``. Split ``p`` sees key blocks ``[p, p + 1) * blocks_per_split``.
   """
   (q_smem, k_smem, v_smem, p_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free,
    sched) = scratch
-  g_pad, bt = group_rows(group_size)
-  rows_per_copy = min(bt, ROWS_PER_WG)       # rows of one head inside one warpgroup's tile
-  copies = ROWS_PER_WG // rows_per_copy      # TMA copies per warpgroup tile
   head_dim = q_smem.shape[-1]
+  num_chunks = group_size * pl.cdiv(q_len, CHUNK_ROWS)
   b = lax.axis_index("b")
   kv_head = lax.axis_index("kv_head")
-  tile = num_tiles - 1 - lax.axis_index("tile")  # the heaviest causal tiles first
-  t0 = tile * bt
+  tile_split = lax.axis_index("tile")
+  tile = num_tiles - 1 - lax.div(tile_split, kv_splits)  # the heaviest causal tiles first
+  split = lax.rem(tile_split, kv_splits)
+  first_block = split * blocks_per_split
   q_offset = q_offset_ref[b]
   kv_len = kv_lengths_ref[b]
   wg = lax.axis_index("wg")
 
-  def copy_origin(w, c):
-    """(head within the group, first position) of TMA copy ``c`` of warpgroup ``w``."""
-    first = w * ROWS_PER_WG + c * rows_per_copy
-    return first // bt, t0 + first % bt
+  def first_chunk(w):
+    return tile * (TILE_ROWS // CHUNK_ROWS) + w * CHUNKS_PER_WG
+
+  def chunk(w, c):
+    """Chunk ``c`` of warpgroup ``w``; chunks past the end repeat the last one (never stored)."""
+    return jnp.minimum(first_chunk(w) + c, num_chunks - 1)
 
   def key_extent(w):
-    """(unmasked blocks, blocks) of warpgroup ``w``: keys ``[0, end)`` are visible to some row,
-    blocks below ``full`` to every row."""
-    _, first_t = copy_origin(w, 0)
-    last_t = jnp.minimum(first_t + min(bt, ROWS_PER_WG), q_len) - 1
+    """(end of the unmasked blocks, end of the blocks) of warpgroup ``w`` in this split: keys
+    ``[0, end)`` are visible to some row, blocks below ``full`` to every row. Positions grow
+    with the chunk, so the first and last chunks bound them."""
+    first_t = chunk_origin(chunk(w, 0), group_size)[1]
+    last_t = jnp.minimum(chunk_origin(chunk(w, CHUNKS_PER_WG - 1), group_size)[1] + CHUNK_ROWS,
+                         q_len) - 1
     if causal:
       end = jnp.clip(jnp.minimum(kv_len, q_offset + last_t + 1), 0, None)
       full = jnp.clip(jnp.minimum(kv_len, q_offset + first_t + 1), 0, None) // block_kv
     else:
       end = jnp.clip(kv_len, 0, None)
       full = end // block_kv
-    blocks = jnp.where(first_t < q_len, pl.cdiv(end, block_kv), 0)
-    return jnp.minimum(full, blocks), blocks
+    blocks = jnp.where(first_chunk(w) < num_chunks, pl.cdiv(end, block_kv), 0)
+    blocks = jnp.clip(blocks, first_block, first_block + blocks_per_split)
+    return jnp.clip(full, first_block, blocks), blocks
 
-  num_blocks = jnp.maximum(key_extent(0)[1], key_extent(1)[1])
+  # Blocks the producer loads, from first_block: what either warpgroup needs.
+  num_blocks = jnp.maximum(key_extent(0)[1], key_extent(1)[1]) - first_block
 
   def layout(x, lay):
     return x if interpret else plgpu.layout_cast(x, lay)
@@ -173,22 +209,38 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
     plgpu.barrier_arrive(sched)
     plgpu.barrier_wait(sched)
 
+  def ring_slot(i):
+    return lax.rem(i - first_block, stages)
+
+  def wait_keys(i):
+    """Every step starts with its K block landed: step ``i`` waits for block ``i + 1``."""
+    @pl.when(i - first_block < num_blocks)
+    def _():
+      plgpu.barrier_wait(k_bar.at[ring_slot(i)])
+
   @pl.when(wg < CONSUMERS)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
     q_tile = q_smem.at[wg]
-    for c in range(copies):
-      g, t = copy_origin(wg, c)
-      head = kv_head * group_size + jnp.minimum(g, group_size - 1)  # padding heads: a real one
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t, rows_per_copy), head],
-                              q_tile.at[pl.ds(c * rows_per_copy, rows_per_copy)], q_bar.at[wg])
+    for c in range(CHUNKS_PER_WG):
+      g, t = chunk_origin(chunk(wg, c), group_size)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t, CHUNK_ROWS), kv_head * group_size + g],
+                              q_tile.at[pl.ds(c * CHUNK_ROWS, CHUNK_ROWS)], q_bar.at[wg])
     plgpu.barrier_wait(q_bar.at[wg])
     full, blocks = key_extent(wg)
 
-    iota = lambda dim: layout(lax.broadcasted_iota(jnp.int32, (ROWS_PER_WG, block_kv), dim),
-                              plgpu.Layout.WGMMA)
-    row, col = iota(0), iota(1)
-    row_pos = q_offset + t0 + (wg * ROWS_PER_WG + row) % bt  # each row's absolute position
+    def visible_keys(i):
+      """[64, block_kv] mask of block ``i``: keys before kv_len and (causal) each row's position."""
+      iota = lambda dim: layout(lax.broadcasted_iota(jnp.int32, (ROWS_PER_WG, block_kv), dim),
+                                plgpu.Layout.WGMMA)
+      row, key = iota(0), i * block_kv + iota(1)
+      visible = key < kv_len
+      if causal:
+        rows_chunk = jnp.minimum(first_chunk(wg) + lax.div(row, CHUNK_ROWS), num_chunks - 1)
+        position = (q_offset + lax.div(rows_chunk, group_size) * CHUNK_ROWS
+                    + lax.rem(row, CHUNK_ROWS))
+        visible = visible & (key <= position)
+      return visible
 
     def qk(slot):
       def body(acc_ref):
@@ -198,17 +250,21 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
         return acc_ref[...]
       return pl.run_scoped(body, plgpu.ACC((ROWS_PER_WG, block_kv), jnp.float32))
 
-    def pv(acc, p, slot):
+    def pv(acc, p, slot, i):
       if interpret:
         p_smem.at[wg][...] = p
         plgpu.commit_smem()
 
         def body(acc_ref):
           plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+          wait_keys(i + 1)
           return acc_ref[...]
         return acc + pl.run_scoped(body, plgpu.ACC((ROWS_PER_WG, head_dim), jnp.float32))
-      return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem.at[slot]))(
-          plgpu.ACC.init(acc))
+
+      def body(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+        wait_keys(i + 1)  # while the tensor cores work on P V
+      return pl.run_state(body)(plgpu.ACC.init(acc))
 
     def zero_v_past_length(i, slot):
       """Zeroes the V rows at or past kv_len in the block that holds the row's last key."""
@@ -227,52 +283,55 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
 
     def step(i, carry, masked):
       acc, m_prev, l_prev = carry
-      slot = lax.rem(i, stages)
-      plgpu.barrier_wait(k_bar.at[slot])
-      s = qk(slot) * qk_scale
+      slot = ring_slot(i)
+      s = qk(slot)
       plgpu.barrier_arrive(k_free.at[slot])
+      if qk_scale <= 0:  # scaling after the max would flip it: scale first, then mask
+        s = s * qk_scale
       if masked:
-        key = i * block_kv + col
-        visible = key < kv_len
-        if causal:
-          visible = visible & (key <= row_pos)
-        s = jnp.where(visible, s, -jnp.inf)
-      m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        s = jnp.where(visible_keys(i), s, -jnp.inf)
+      # m is kept in the base-2 exponent's units, so that each p costs one FMA and an exp2.
+      scaled = (lambda x: x * qk_scale) if qk_scale > 0 else (lambda x: x)
+      m_next = jnp.maximum(m_prev, scaled(jnp.max(s, axis=1)))
       # A row that has seen no visible key keeps m == -inf: shift by 0 there, so that
       # exp2(-inf - -inf) never makes a NaN. Unmasked blocks always hold a visible key.
       m_safe = jnp.where(m_next == -jnp.inf, 0., m_next) if masked else m_next
       alpha = jnp.exp2(m_prev - m_safe)
-      p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-      l_next = l_prev * alpha + jnp.sum(p, axis=1)
+      m_rows = lax.broadcast_in_dim(m_safe, s.shape, [0])
+      p = jnp.exp2(scaled(s) - m_rows)
       acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      l_next = l_prev * alpha + jnp.sum(p, axis=1)
       p = p.astype(q_smem.dtype)
+      if head_dim <= 128:  # keep the softmax ahead of the barriers (measured faster)
+        acc, l_next, m_next, p = lax.optimization_barrier((acc, l_next, m_next, p))
       plgpu.barrier_arrive(sched)  # softmax done: the other warpgroup may use the tensor cores
       plgpu.barrier_wait(v_bar.at[slot])
       if masked:
         zero_v_past_length(i, slot)
       plgpu.barrier_wait(sched)
-      acc = pv(acc, p, slot)
+      acc = pv(acc, p, slot, i)
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_next, l_next
 
     def drain(i, _):
       """A block the producer loaded for the other warpgroup: release it, keep in step."""
-      slot = lax.rem(i, stages)
-      plgpu.barrier_wait(k_bar.at[slot])
+      slot = ring_slot(i)
       plgpu.barrier_arrive(k_free.at[slot])
       schedule()
       schedule()
       plgpu.barrier_wait(v_bar.at[slot])
+      wait_keys(i + 1)
       plgpu.barrier_arrive(v_free.at[slot])
 
     carry = (layout(jnp.zeros((ROWS_PER_WG, head_dim), jnp.float32), plgpu.Layout.WGMMA),
              layout(jnp.full((ROWS_PER_WG,), -jnp.inf, jnp.float32),
                     plgpu.Layout.WGMMA.reduce(1)),
              layout(jnp.zeros((ROWS_PER_WG,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+    wait_keys(first_block)
     pl.when(wg == 1)(schedule)  # start half a step behind warpgroup 0
-    carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(first_block, full, functools.partial(step, masked=False), carry)
     carry = lax.fori_loop(full, blocks, functools.partial(step, masked=True), carry)
-    lax.fori_loop(blocks, num_blocks, drain, None)
+    lax.fori_loop(blocks, first_block + num_blocks, drain, None)
     pl.when(wg == 0)(schedule)
     acc, m, l = carry
 
@@ -282,17 +341,18 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
     if lse_ref is not None:
       lse_smem.at[wg][...] = jnp.where(has_keys, (m + jnp.log2(l_safe)) * LN_2, -jnp.inf)
     plgpu.commit_smem()
-    for c in range(copies):
-      g, t = copy_origin(wg, c)
-      rows = pl.ds(c * rows_per_copy, rows_per_copy)
+    for c in range(CHUNKS_PER_WG):
+      rows = pl.ds(c * CHUNK_ROWS, CHUNK_ROWS)
 
-      @pl.when(g < group_size)
+      @pl.when(first_chunk(wg) + c < num_chunks)
       def _():
+        g, t = chunk_origin(first_chunk(wg) + c, group_size)
         head = kv_head * group_size + g
-        plgpu.copy_smem_to_gmem(q_tile.at[rows], o_ref.at[b, pl.ds(t, rows_per_copy), head])
+        plgpu.copy_smem_to_gmem(q_tile.at[rows],
+                                o_ref.at[split, b, pl.ds(t, CHUNK_ROWS), head])
         if lse_ref is not None:
           plgpu.copy_smem_to_gmem(lse_smem.at[wg, rows],
-                                  lse_ref.at[b, head, pl.ds(t, rows_per_copy)])
+                                  lse_ref.at[split, b, head, pl.ds(t, CHUNK_ROWS)])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == CONSUMERS)
@@ -300,10 +360,10 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
     plgpu.set_max_registers(40, action="decrease")
 
     def k_source(i):
-      keys = pl.ds(i * block_kv, block_kv)
+      keys = pl.ds((first_block + i) * block_kv, block_kv)
       return k_ref.at[b, kv_head, :, keys] if interpret else k_ref.at[b, keys, kv_head]
 
-    def load(i, _):
+    def load(i, _):  # block first_block + i
       slot = lax.rem(i, stages)
 
       @pl.when(i >= stages)  # wait until both consumers released what the slot held
@@ -314,7 +374,7 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
       @pl.when(i >= stages)
       def _():
         plgpu.barrier_wait(v_free.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(i * block_kv, block_kv), kv_head],
+      plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds((first_block + i) * block_kv, block_kv), kv_head],
                               v_smem.at[slot], v_bar.at[slot])
 
     lax.fori_loop(0, num_blocks, load, None)
@@ -338,15 +398,18 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   g = n // kh
-  g_pad, bt = group_rows(g)
   block_kv, stages = config.block_kv, config.stages
-  num_tiles = pl.cdiv(t, bt)
+  num_chunks, num_tiles = tiling(g, t)
+  kv_blocks = pl.cdiv(s, block_kv)
+  blocks_per_split = pl.cdiv(kv_blocks, min(config.kv_splits, kv_blocks))
+  kv_splits = pl.cdiv(kv_blocks, blocks_per_split)  # none left empty
   t_len = t
-  # TMA into tiled shared memory needs the sequence dims of q and k/v in whole 8-row tiles;
-  # the interpreter refuses out-of-bounds TMA altogether, so it gets whole query tiles and
-  # K/V blocks. Padding rows hold NaN: they sit past T and past kv_lengths, so the kernel's
-  # masks must keep them out, exactly as for the tails the hardware zero-fills.
-  t_pad = _round_up(t, bt if interpret else 8)
+  # TMA into tiled shared memory needs the sequence dims of q and k/v in whole 8-row tiles
+  # (query chunks are 8 rows, so they then never leave the array); the interpreter refuses
+  # out-of-bounds TMA altogether, so it also gets whole K/V blocks. Padding rows hold NaN: they
+  # sit past T and past kv_lengths, so the kernel's masks must keep them out, exactly as for
+  # the K/V tails the hardware zero-fills.
+  t_pad = _round_up(t, CHUNK_ROWS)
   s_pad = _round_up(max(s, 1), block_kv if interpret else 8)
   if t_pad != t:
     q = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)), constant_values=jnp.nan)
@@ -357,16 +420,17 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
     k = jnp.transpose(k, (0, 2, 3, 1))  # [B, K, H, S]: S = Q K^T without a transposed operand
   t = t_pad
   logger.debug("gqa prefill launch (mosaic): B=%d T=%d S=%d N=%d K=%d H=%d dtype=%s grid=%s "
-               "rows=%dx%d block_kv=%d stages=%d", b, t_len, s, n, kh, h, q.dtype,
-               (num_tiles, kh, b), g_pad, bt, block_kv, stages)
+               "chunks=%d block_kv=%d stages=%d kv_splits=%d", b, t_len, s, n, kh, h, q.dtype,
+               (num_tiles * kv_splits, kh, b), num_chunks, block_kv, stages, kv_splits)
+  with_lse = return_lse or kv_splits > 1  # the merge weighs the splits by their lse
   k_shape = (stages, h, block_kv) if interpret else (stages, block_kv, h)
   scratch = [
       _swizzled((CONSUMERS, ROWS_PER_WG, h), q.dtype),
       _swizzled(k_shape, k.dtype),
       _swizzled((stages, block_kv, h), v.dtype),
       _swizzled((CONSUMERS, ROWS_PER_WG, block_kv), q.dtype) if interpret else None,
-      plgpu.SMEM((CONSUMERS, ROWS_PER_WG), jnp.float32) if return_lse else None,
-      plgpu.Barrier(num_arrivals=ROWS_PER_WG // min(bt, ROWS_PER_WG), num_barriers=CONSUMERS),
+      plgpu.SMEM((CONSUMERS, ROWS_PER_WG), jnp.float32) if with_lse else None,
+      plgpu.Barrier(num_arrivals=CHUNKS_PER_WG, num_barriers=CONSUMERS),
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
@@ -375,7 +439,8 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
   ]
   kernel = functools.partial(
       _kernel, causal=causal, qk_scale=scale * LOG2_E, q_len=t_len, group_size=g,
-      num_tiles=num_tiles, block_kv=block_kv, stages=stages, interpret=interpret)
+      num_tiles=num_tiles, block_kv=block_kv, stages=stages, kv_splits=kv_splits,
+      blocks_per_split=blocks_per_split, interpret=interpret)
 
   def body(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *lse_refs):
     lse_ref = lse_refs[0] if lse_refs else None
@@ -383,17 +448,41 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
                                        lse_ref, refs),
                   *scratch, collective_axes="wg")
 
-  out_type = [jax.ShapeDtypeStruct((b, t, n, h), q.dtype)]
-  if return_lse:
-    out_type.append(jax.ShapeDtypeStruct((b, n, t), jnp.float32))
+  out_type = [jax.ShapeDtypeStruct((kv_splits, b, t, n, h), q.dtype)]
+  if with_lse:
+    out_type.append(jax.ShapeDtypeStruct((kv_splits, b, n, t), jnp.float32))
   outs = plgpu.kernel(
-      body, out_type=out_type, grid=(num_tiles, kh, b), grid_names=("tile", "kv_head", "b"),
+      body, out_type=out_type, grid=(num_tiles * kv_splits, kh, b),
+      grid_names=("tile", "kv_head", "b"),
       num_threads=CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=compat.interpret_params() if interpret else None,
   )(q_offset, kv_lengths, q, k, v)
-  out = outs[0][:, :t_len]
+  if kv_splits == 1:
+    out, lse = outs[0][0], outs[1][0] if with_lse else None
+  else:
+    out, lse = merge_splits(outs[0], outs[1])
+  out = out[:, :t_len]
   if return_lse:
-    return out, jnp.transpose(outs[1][:, :, :t_len], (0, 2, 1))
+    return out, jnp.transpose(lse[:, :, :t_len], (0, 2, 1))
   return out
+
+
+def merge_splits(outs, lses):
+  """One output from ``P`` partial ones over disjoint key ranges.
+
+  ``outs`` ``[P, B, T, N, H]`` (each normalised over its own keys), ``lses`` ``float32[P, B, N,
+  T]`` (``-inf`` where a split saw no key) -> ``([B, T, N, H], float32[B, N, T])``; rows no split
+  saw come out 0 with lse ``-inf``, as from the unsplit kernel.
+  """
+  top = jnp.max(lses, axis=0)
+  top = jnp.where(jnp.isfinite(top), top, 0.)
+  weights = jnp.exp(lses - top)                      # [P, B, N, T]; 0 for empty splits
+  total = jnp.sum(weights, axis=0)
+  lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.)), -jnp.inf)
+  weights = weights / jnp.where(total > 0, total, 1.)
+  # An elementwise sum, not a dot: no TF32 on the way.
+  out = jnp.sum(jnp.transpose(weights, (0, 1, 3, 2))[..., None] * outs.astype(jnp.float32),
+                axis=0)
+  return out.astype(outs.dtype), lse
 
