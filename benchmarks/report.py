@@ -49,6 +49,25 @@ def prefill_table(rows):
   return "\n".join(out)
 
 
+def chunked_table(rows):
+  backends = _backend_columns(rows, "tflops")
+  head = (["B", "T new", "S cache", "N:K", "H", "ours (backend)"] + [f"`{b}`" for b in backends]
+          + ["square-causal (B, S)", "ours / square", "ours / `triton`", "rel. err vs f32 ref"])
+  out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    t, sq = r["tflops"], r.get("square", {})
+    shape = sq.get("shape") or [None, None]
+    cells = [r["B"], r["T"], r["S"], f"{r['N']}:{r['K']}", r["H"],
+             f"{_f(t.get('ours'))} ({r.get('ours_backend', '?')})"]
+    cells += [_f(t.get(b)) for b in backends]
+    cells += [f"{_f(sq.get('tflops'))} (B{shape[0]}, S{shape[1]})",
+              _f(r.get("vs_square"), "{:.2f}"),
+              _f(_ratio(t.get("ours"), t.get("triton")), "{:.2f}"),
+              f"{r['rel_err_vs_f32_ref']:.1e}"]
+    out.append("| " + " | ".join(str(c) for c in cells) + " |")
+  return "\n".join(out)
+
+
 def decode_table(rows, res):
   read = res.get("read_gbs")
   head = ["B", "S_max", "N:K", "H", "K+V MB", "ours GB/s (backend)"]
@@ -158,8 +177,10 @@ def plots(prefill, decode, res, img_dir):
 
 
 def _history(main_path):
+  shown = {os.path.abspath(main_path),
+           os.path.abspath(main_path.replace(".json", "-prefill.json"))}
   others = sorted(p for p in glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))
-                  if os.path.abspath(p) != os.path.abspath(main_path))
+                  if os.path.abspath(p) not in shown)
   if not others:
     return []
   out = ["## Other result files", "",
@@ -181,6 +202,14 @@ def main(argv=None):
     res = json.load(f)
   rows = res["rows"]
   prefill = [r for r in rows if r["kind"] == "prefill"]
+  chunked = [r for r in rows if r["kind"] == "chunked_prefill"]
+  # A later prefill-only run (``--only prefill,chunked``) supersedes the main file's prefill.
+  prefill_path, prefill_res = path.replace(".json", "-prefill.json"), res
+  if os.path.exists(prefill_path):
+    with open(prefill_path) as f:
+      prefill_res = json.load(f)
+    prefill = [r for r in prefill_res["rows"] if r["kind"] == "prefill"]
+    chunked = [r for r in prefill_res["rows"] if r["kind"] == "chunked_prefill"]
   decode = [r for r in rows if r["kind"] == "decode" and r["label"] == "full"]
   ragged = [r for r in rows if r["kind"] == "decode" and r["label"].startswith("ragged")]
   t4 = [r for r in rows if r["kind"] == "decode" and r["label"] == "T4"]
@@ -204,6 +233,15 @@ def main(argv=None):
       "also timed under its own name.",
       "",
   ]
+  if prefill_res is not res:
+    text += [
+        f"The prefill and chunked-prefill tables come from a later run, "
+        f"`{os.path.relpath(prefill_path, ROOT)}`: {prefill_res['device']}, jax "
+        f"{prefill_res['jax']}, {prefill_res['date'][:10]}, copy "
+        f"{prefill_res['copy_gbs']:.0f} GB/s, bf16 matmul {prefill_res['matmul_tflops']:.0f} "
+        "TFLOP/s; the decode tables from the main file.",
+        "",
+    ]
   for dtype in sorted({r["dtype"] for r in prefill}):
     text += [
         f"## Prefill (causal, {dtype}, T = S; TFLOP/s with causal FLOPs 2·B·S²·N·H)",
@@ -213,6 +251,17 @@ def main(argv=None):
         "`attention_mgpu` runs fp16 only). Our kernels read each K/V tile once per group.",
         "",
         prefill_table([r for r in prefill if r["dtype"] == dtype]),
+        "",
+    ]
+  if chunked:
+    text += [
+        "## Chunked prefill (T new tokens onto a cache of S, bottom-right causal, bf16)",
+        "",
+        "TFLOP/s of the visible work (4·B·N·H·Σ keys seen per row). `jax.nn`'s cuDNN path cannot "
+        "express bottom-right offsets, so the comparison is our Triton kernel and the square-"
+        "causal rate of the same head config (`implementation=None`, same run).",
+        "",
+        chunked_table(chunked),
         "",
     ]
   text += [

@@ -1,10 +1,11 @@
 """One GPU run: ceilings, the anchor prefill grid and the anchor decode grid, side by side.
 
-    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill|chunked|decode|step] [--sweep]
+    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill,chunked,decode,step] [--sweep]
         [--dtypes bfloat16,float16] [--out FILE]
 
-Writes ``benchmarks/results/<device>.json`` (``--only step``: ``<device>-decode-step.json``; or
-``--out``) and prints a table. Every Pallas backend of the registry that runs a shape is timed
+Writes ``benchmarks/results/<device>.json`` (``--only step``: ``<device>-decode-step.json``;
+``--only prefill,chunked``: ``<device>-prefill.json``; or ``--out``) and prints a table. Every
+Pallas backend of the registry that runs a shape is timed
 under its own name; ``ours`` is the one ``implementation=None`` picks on this device. Kernel
 times are CUPTI medians (``benchmarks.common.measure_ms``); every row of one file comes from one
 process. ``--sweep`` times the Triton configs of ``PREFILL_SWEEP`` / ``DECODE_SWEEP`` (the tuning
@@ -364,7 +365,9 @@ def bench_decode_step(iterations: int, rows, loop_steps: int = 9):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--only", choices=["prefill", "chunked", "decode", "step"], default=None)
+  parser.add_argument("--only", default=None,
+                      help="comma-separated parts: prefill, chunked, decode, step (default: the "
+                           "first three)")
   parser.add_argument("--sweep", action="store_true", help="time several Triton configs")
   parser.add_argument("--dtypes", default="bfloat16,float16",
                       help="prefill input dtypes, comma-separated")
@@ -373,6 +376,9 @@ def main(argv=None):
   parser.add_argument("--decode-shapes", default=None,
                       help="only these decode grid shapes, e.g. '16,4096,14,2,64;16,2048,8,8,64'")
   args = parser.parse_args(argv)
+  parts = set(args.only.split(",")) if args.only else {"prefill", "chunked", "decode"}
+  if not parts <= {"prefill", "chunked", "decode", "step"}:
+    parser.error(f"--only takes prefill, chunked, decode, step; got {args.only!r}")
   info = common.device_info()
   if info["platform"] != "gpu":
     sys.exit("benchmarks need a CUDA GPU")
@@ -385,21 +391,23 @@ def main(argv=None):
         f"{result['read_gbs']:.0f} GB/s, bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s",
         flush=True)
   name = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
-  if args.only == "step":
+  if parts == {"step"}:
     name += "-decode-step"
+  elif parts <= {"prefill", "chunked"}:
+    name += "-prefill"
   out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
   rows = _Results(out, result)
-  if args.only in (None, "prefill"):
+  if "prefill" in parts:
     dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
     bench_prefill(args.sweep, args.iterations, dtypes, rows)
-  if args.only in (None, "chunked"):
+  if "chunked" in parts:
     bench_chunked_prefill(args.iterations, rows)
-  if args.only in (None, "decode"):
+  if "decode" in parts:
     grid = None
     if args.decode_shapes:
       grid = [tuple(int(x) for x in shape.split(",")) for shape in args.decode_shapes.split(";")]
     bench_decode(args.sweep, args.iterations, result, rows, grid)
-  if args.only == "step":
+  if "step" in parts:
     bench_decode_step(args.iterations, rows)
   rows.save()
   print("wrote", out)

@@ -230,17 +230,19 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
     full, blocks = key_extent(wg)
 
     def visible_keys(i):
-      """[64, block_kv] mask of block ``i``: keys before kv_len and (causal) each row's position."""
-      iota = lambda dim: layout(lax.broadcasted_iota(jnp.int32, (ROWS_PER_WG, block_kv), dim),
-                                plgpu.Layout.WGMMA)
-      row, key = iota(0), i * block_kv + iota(1)
-      visible = key < kv_len
-      if causal:
-        rows_chunk = jnp.minimum(first_chunk(wg) + lax.div(row, CHUNK_ROWS), num_chunks - 1)
-        position = (q_offset + lax.div(rows_chunk, group_size) * CHUNK_ROWS
-                    + lax.rem(row, CHUNK_ROWS))
-        visible = visible & (key <= position)
-      return visible
+      """[64, block_kv] mask of block ``i``: keys before kv_len and (causal) each row's position.
+      The bound is worked out per row (two rows per thread), so each score pays one compare."""
+      key = layout(lax.broadcasted_iota(jnp.int32, (ROWS_PER_WG, block_kv), 1),
+                   plgpu.Layout.WGMMA)
+      if not causal:
+        return key < kv_len - i * block_kv
+      row = layout(lax.broadcasted_iota(jnp.int32, (ROWS_PER_WG,), 0),
+                   plgpu.Layout.WGMMA.reduce(1))
+      rows_chunk = jnp.minimum(first_chunk(wg) + lax.div(row, CHUNK_ROWS), num_chunks - 1)
+      position = (q_offset + lax.div(rows_chunk, group_size) * CHUNK_ROWS
+                  + lax.rem(row, CHUNK_ROWS))
+      bound = jnp.minimum(position + 1, kv_len) - i * block_kv  # keys [0, bound) of the block
+      return key < lax.broadcast_in_dim(bound, key.shape, [0])
 
     def qk(slot):
       def body(acc_ref):
