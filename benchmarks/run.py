@@ -181,7 +181,7 @@ def bench_prefill(sweep: bool, iterations: int, dtypes, rows):
 def bench_chunked_prefill(iterations: int, rows, dtype=jnp.bfloat16):
   """Chunked prefill (T new tokens onto a cache of S, bottom-right), TFLOP/s of the visible
   work, every Pallas backend; each row also carries the default backend's square-causal
-  TFLOP/s for its head config (``square_tflops``), measured in the same run."""
+  TFLOP/s for its head config (``square``), measured in the same run."""
   square = {}
   for (heads, (b, s, n, kh, h)) in shapes.CHUNKED_SQUARE.items():
     ks = jax.random.split(jax.random.key(s + n), 3)

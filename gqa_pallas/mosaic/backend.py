@@ -18,8 +18,7 @@ class MosaicBackend(registry.Backend):
       arch = "".join(map(str, device.compute_capability or ()))
       return (f"a Hopper GPU, sm90 (the device is {device.kind!r}{f', sm{arch}' if arch else ''}"
               "; interpret=True runs the kernel in Mosaic GPU's interpreter on the CPU)")
-    dims = problem.dims
-    return prefill_kernel.unsupported(dims.head_dim, problem.dtype, dims.group_size)
+    return prefill_kernel.unsupported(problem.dims.head_dim, problem.dtype)
 
   def default_config(self, problem):
     return prefill_kernel.default_config(problem.dims, problem.dtype, problem.device.kind,

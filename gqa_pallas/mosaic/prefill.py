@@ -57,6 +57,7 @@ CONSUMERS = 2
 TILE_ROWS = ROWS_PER_WG * CONSUMERS
 CHUNK_ROWS = 8          # positions of one head per TMA copy: one shared-memory tile row group
 CHUNKS_PER_WG = ROWS_PER_WG // CHUNK_ROWS
+CHUNKS_PER_TILE = TILE_ROWS // CHUNK_ROWS
 HEAD_DIMS = (64, 128)
 DTYPES = ("bfloat16", "float16")
 
@@ -118,7 +119,7 @@ def shared_memory_bytes(head_dim: int, config: MosaicPrefillConfig, itemsize: in
       TILE_ROWS * 4)
 
 
-def unsupported(head_dim: int, dtype: str, group_size: int) -> str | None:
+def unsupported(head_dim: int, dtype: str) -> str | None:
   """Why the kernel cannot take these inputs (``None`` if it can)."""
   if compat.MISSING:
     return compat.MISSING
@@ -149,7 +150,7 @@ def chunk_origin(chunk, group_size: int):
 def tiling(group_size: int, q_len: int) -> tuple[int, int]:
   """``(chunks, tiles)``: 8-row chunks of one kv head's ``G x T`` query rows, 128-row tiles."""
   chunks = group_size * pl.cdiv(q_len, CHUNK_ROWS)
-  return chunks, pl.cdiv(chunks, TILE_ROWS // CHUNK_ROWS)
+  return chunks, pl.cdiv(chunks, CHUNKS_PER_TILE)
 
 
 def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *,
@@ -164,7 +165,7 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
   (q_smem, k_smem, v_smem, p_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free,
    sched) = scratch
   head_dim = q_smem.shape[-1]
-  num_chunks = group_size * pl.cdiv(q_len, CHUNK_ROWS)
+  num_chunks = tiling(group_size, q_len)[0]
   b = lax.axis_index("b")
   kv_head = lax.axis_index("kv_head")
   tile_split = lax.axis_index("tile")
@@ -176,7 +177,7 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
   wg = lax.axis_index("wg")
 
   def first_chunk(w):
-    return tile * (TILE_ROWS // CHUNK_ROWS) + w * CHUNKS_PER_WG
+    return tile * CHUNKS_PER_TILE + w * CHUNKS_PER_WG
 
   def chunk(w, c):
     """Chunk ``c`` of warpgroup ``w``; chunks past the end repeat the last one (never stored)."""
