@@ -74,23 +74,28 @@ def test_kv_splits_fill_the_gpu():
   assert cpu.kv_splits == 1
 
 
-@pytest.mark.parametrize("group,q_len", [(1, 200), (2, 64), (4, 33), (5, 17), (7, 9), (8, 1),
-                                         (12, 40), (32, 16), (40, 3)])
+@pytest.mark.parametrize("group,q_len", [(1, 200), (2, 64), (3, 70), (4, 33), (5, 17), (7, 9),
+                                         (8, 1), (9, 20), (12, 40), (32, 16), (40, 3)])
 def test_row_packing(group, q_len):
-  """The tiles cover every (head, position) of the group exactly once, in 8-row chunks, and a
-  tile's positions are contiguous (no head padded, whatever G is)."""
+  """The tiles cover every (head, position) of the group exactly once, a tile holds every head
+  of each position it touches and its positions are contiguous (no head padded, whatever G is)."""
+  rows = prefill.chunk_rows(group)
+  assert rows in (8, 16, 32, 64) and (rows == 8 or rows * group <= prefill.TILE_ROWS)
+  assert rows * 2 * group > prefill.TILE_ROWS or rows == 64  # the largest chunk that fits
   chunks, tiles = prefill.tiling(group, q_len)
-  rows_per_tile = prefill.TILE_ROWS // prefill.CHUNK_ROWS
-  assert tiles == -(-chunks // rows_per_tile)
+  per_tile = prefill.TILE_ROWS // rows
+  assert tiles == -(-chunks // per_tile)
   seen = []
   for tile in range(tiles):
-    firsts = set()
-    for j in range(tile * rows_per_tile, min((tile + 1) * rows_per_tile, chunks)):
+    firsts = {}
+    for j in range(tile * per_tile, min((tile + 1) * per_tile, chunks)):
       head, first = (int(x) for x in prefill.chunk_origin(j, group))
-      seen += [(head, t) for t in range(first, min(first + prefill.CHUNK_ROWS, q_len))]
-      firsts.add(first)
+      seen += [(head, t) for t in range(first, min(first + rows, q_len))]
+      firsts.setdefault(first, set()).add(head)
     span = sorted(firsts)
-    assert span == list(range(span[0], span[-1] + 1, prefill.CHUNK_ROWS))
+    assert span == list(range(span[0], span[-1] + 1, rows))
+    if group * rows <= prefill.TILE_ROWS:  # interior position blocks carry every head
+      assert all(firsts[f] == set(range(group)) for f in span[1:-1])
   assert sorted(seen) == [(h, t) for h in range(group) for t in range(q_len)]
 
 

@@ -4,10 +4,13 @@ Layout: q ``[B, T, N, H]``, k/v ``[B, S, K, H]``, group size ``G = N // K``.
 
 One CTA owns one kv head of one batch row and a tile of 128 query rows taken from the ``G``
 query heads of the group, so each K/V tile in shared memory serves the whole group. The group's
-``G x T`` rows are cut into chunks of 8 positions of one head, ordered position-major (chunk
-``j``: head ``j % G``, positions from ``8 * (j // G)``), and a tile is 16 consecutive chunks, each
-loaded and stored with one TMA copy. No head is padded, whatever ``G`` is, and a tile's
-positions stay contiguous, which keeps its causal extent tight. Three warpgroups:
+``G x T`` rows are cut into chunks of ``C`` positions of one head (``chunk_rows``: 64 for
+``G <= 2``, 32 for ``G <= 4``, 16 for ``G <= 8``, else 8, so that a tile holds every head of its
+positions), ordered position-major (chunk ``j``: head ``j % G``, positions from
+``C * (j // G)``), and a tile is ``128 / C`` consecutive chunks, each loaded and stored with one
+TMA copy. No head is padded, whatever ``G`` is, and a tile's positions stay contiguous, which
+keeps its causal extent tight. The grid runs the kv heads of one (tile, row) next to each other
+and the heaviest causal tiles first. Three warpgroups:
 
 * a producer streams K/V blocks by TMA into a ``stages``-deep ring, each slot completed on a
   barrier and released by the consumers on another;
@@ -27,10 +30,10 @@ Interpreter forms (``interpret=True``, Mosaic GPU's interpreter on the CPU, whic
 idioms in jax 0.10): K arrives pre-transposed so S = Q K^T needs no transposed shared-memory
 operand; P goes through shared memory instead of registers; O accumulates in a fresh
 accumulator added to the carry instead of ``run_state``; layout casts are dropped; and K/V are
-padded to whole blocks (the interpreter refuses out-of-bounds TMA), with NaN, so the masking of
-tails is still exercised. In both modes T and S that are not multiples of 8 are padded to the
-next multiple of 8 (with NaN, masked the same way): Mosaic GPU's TMA into tiled shared memory
-needs whole 8-row tiles of the array. Everything else (TMA, barriers, the ring, warpgroups,
+padded to whole blocks and q to whole chunks (the interpreter refuses out-of-bounds TMA), with
+NaN, so the masking of tails is still exercised. In both modes T and S that are not multiples of
+8 are padded to the next multiple of 8 (with NaN, masked the same way): Mosaic GPU's TMA into
+tiled shared memory needs whole 8-row tiles of the array. Everything else (TMA, barriers, the ring, warpgroups,
 both ``wgmma``s, the masks and the zeroing) is the same code.
 """
 from __future__ import annotations
@@ -55,9 +58,7 @@ LN_2 = math.log(2.0)
 ROWS_PER_WG = 64        # one wgmma M tile per consumer warpgroup
 CONSUMERS = 2
 TILE_ROWS = ROWS_PER_WG * CONSUMERS
-CHUNK_ROWS = 8          # positions of one head per TMA copy: one shared-memory tile row group
-CHUNKS_PER_WG = ROWS_PER_WG // CHUNK_ROWS
-CHUNKS_PER_TILE = TILE_ROWS // CHUNK_ROWS
+MIN_CHUNK_ROWS = 8      # one shared-memory tile row group: TMA's smallest copy into it
 HEAD_DIMS = (64, 128)
 DTYPES = ("bfloat16", "float16")
 
@@ -141,16 +142,28 @@ def _swizzled(shape, dtype):
                                               plgpu.SwizzleTransform(128)))
 
 
+def chunk_rows(group_size: int) -> int:
+  """Positions of one head per chunk (one TMA copy): the most (8, 16, 32 or 64) that still puts
+  all ``G`` heads of a position in one 128-row tile. Fewer, larger copies are cheaper (8-row
+  copies cost 3-7% against one copy per warpgroup, benchmarks/NOTES.md)."""
+  rows = ROWS_PER_WG
+  while rows > MIN_CHUNK_ROWS and rows * group_size > TILE_ROWS:
+    rows //= 2
+  return rows
+
+
 def chunk_origin(chunk, group_size: int):
   """(head within the group, first position) of chunk ``chunk``: chunks are position-major, so
-  the ``G`` heads of one 8-position block are consecutive and a tile's positions are contiguous."""
-  return lax.rem(chunk, group_size), lax.div(chunk, group_size) * CHUNK_ROWS
+  the ``G`` heads of one block of positions are consecutive and a tile's positions are
+  contiguous."""
+  return lax.rem(chunk, group_size), lax.div(chunk, group_size) * chunk_rows(group_size)
 
 
 def tiling(group_size: int, q_len: int) -> tuple[int, int]:
-  """``(chunks, tiles)``: 8-row chunks of one kv head's ``G x T`` query rows, 128-row tiles."""
-  chunks = group_size * pl.cdiv(q_len, CHUNK_ROWS)
-  return chunks, pl.cdiv(chunks, CHUNKS_PER_TILE)
+  """``(chunks, tiles)``: the chunks of one kv head's ``G x T`` query rows, 128-row tiles."""
+  rows = chunk_rows(group_size)
+  chunks = group_size * pl.cdiv(q_len, rows)
+  return chunks, pl.cdiv(chunks, TILE_ROWS // rows)
 
 
 def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *,
@@ -166,6 +179,8 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
    sched) = scratch
   head_dim = q_smem.shape[-1]
   num_chunks = tiling(group_size, q_len)[0]
+  rows_per_chunk = chunk_rows(group_size)
+  chunks_per_wg = ROWS_PER_WG // rows_per_chunk
   b = lax.axis_index("b")
   kv_head = lax.axis_index("kv_head")
   tile_split = lax.axis_index("tile")
@@ -177,7 +192,7 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
   wg = lax.axis_index("wg")
 
   def first_chunk(w):
-    return tile * CHUNKS_PER_TILE + w * CHUNKS_PER_WG
+    return (tile * CONSUMERS + w) * chunks_per_wg
 
   def chunk(w, c):
     """Chunk ``c`` of warpgroup ``w``; chunks past the end repeat the last one (never stored)."""
@@ -188,8 +203,8 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
     ``[0, end)`` are visible to some row, blocks below ``full`` to every row. Positions grow
     with the chunk, so the first and last chunks bound them."""
     first_t = chunk_origin(chunk(w, 0), group_size)[1]
-    last_t = jnp.minimum(chunk_origin(chunk(w, CHUNKS_PER_WG - 1), group_size)[1] + CHUNK_ROWS,
-                         q_len) - 1
+    last_t = jnp.minimum(
+        chunk_origin(chunk(w, chunks_per_wg - 1), group_size)[1] + rows_per_chunk, q_len) - 1
     if causal:
       end = jnp.clip(jnp.minimum(kv_len, q_offset + last_t + 1), 0, None)
       full = jnp.clip(jnp.minimum(kv_len, q_offset + first_t + 1), 0, None) // block_kv
@@ -223,10 +238,11 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
     q_tile = q_smem.at[wg]
-    for c in range(CHUNKS_PER_WG):
+    for c in range(chunks_per_wg):
       g, t = chunk_origin(chunk(wg, c), group_size)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t, CHUNK_ROWS), kv_head * group_size + g],
-                              q_tile.at[pl.ds(c * CHUNK_ROWS, CHUNK_ROWS)], q_bar.at[wg])
+      rows = pl.ds(c * rows_per_chunk, rows_per_chunk)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(t, rows_per_chunk), kv_head * group_size + g],
+                              q_tile.at[rows], q_bar.at[wg])
     plgpu.barrier_wait(q_bar.at[wg])
     full, blocks = key_extent(wg)
 
@@ -239,9 +255,9 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
         return key < kv_len - i * block_kv
       row = layout(lax.broadcasted_iota(jnp.int32, (ROWS_PER_WG,), 0),
                    plgpu.Layout.WGMMA.reduce(1))
-      rows_chunk = jnp.minimum(first_chunk(wg) + lax.div(row, CHUNK_ROWS), num_chunks - 1)
-      position = (q_offset + lax.div(rows_chunk, group_size) * CHUNK_ROWS
-                  + lax.rem(row, CHUNK_ROWS))
+      rows_chunk = jnp.minimum(first_chunk(wg) + lax.div(row, rows_per_chunk), num_chunks - 1)
+      position = (q_offset + lax.div(rows_chunk, group_size) * rows_per_chunk
+                  + lax.rem(row, rows_per_chunk))
       bound = jnp.minimum(position + 1, kv_len) - i * block_kv  # keys [0, bound) of the block
       return key < lax.broadcast_in_dim(bound, key.shape, [0])
 
@@ -344,18 +360,18 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
     if lse_ref is not None:
       lse_smem.at[wg][...] = jnp.where(has_keys, (m + jnp.log2(l_safe)) * LN_2, -jnp.inf)
     plgpu.commit_smem()
-    for c in range(CHUNKS_PER_WG):
-      rows = pl.ds(c * CHUNK_ROWS, CHUNK_ROWS)
+    for c in range(chunks_per_wg):
+      rows = pl.ds(c * rows_per_chunk, rows_per_chunk)
 
       @pl.when(first_chunk(wg) + c < num_chunks)
       def _():
         g, t = chunk_origin(first_chunk(wg) + c, group_size)
         head = kv_head * group_size + g
         plgpu.copy_smem_to_gmem(q_tile.at[rows],
-                                o_ref.at[split, b, pl.ds(t, CHUNK_ROWS), head])
+                                o_ref.at[split, b, pl.ds(t, rows_per_chunk), head])
         if lse_ref is not None:
           plgpu.copy_smem_to_gmem(lse_smem.at[wg, rows],
-                                  lse_ref.at[split, b, head, pl.ds(t, CHUNK_ROWS)])
+                                  lse_ref.at[split, b, head, pl.ds(t, rows_per_chunk)])
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == CONSUMERS)
@@ -407,12 +423,12 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
   blocks_per_split = pl.cdiv(kv_blocks, min(config.kv_splits, kv_blocks))
   kv_splits = pl.cdiv(kv_blocks, blocks_per_split)  # none left empty
   t_len = t
-  # TMA into tiled shared memory needs the sequence dims of q and k/v in whole 8-row tiles
-  # (query chunks are 8 rows, so they then never leave the array); the interpreter refuses
-  # out-of-bounds TMA altogether, so it also gets whole K/V blocks. Padding rows hold NaN: they
-  # sit past T and past kv_lengths, so the kernel's masks must keep them out, exactly as for
-  # the K/V tails the hardware zero-fills.
-  t_pad = _round_up(t, CHUNK_ROWS)
+  # TMA into tiled shared memory needs the sequence dims of q and k/v in whole 8-row tiles; the
+  # hardware zero-fills the rest of a chunk or block that runs past the array (and clips its
+  # stores), but the interpreter refuses out-of-bounds TMA, so there T is padded to whole
+  # chunks and S to whole blocks. Padding rows hold NaN: they sit past T and past kv_lengths,
+  # so the kernel's masks must keep them out, exactly as for the tails the hardware zero-fills.
+  t_pad = _round_up(t, chunk_rows(g) if interpret else MIN_CHUNK_ROWS)
   s_pad = _round_up(max(s, 1), block_kv if interpret else 8)
   if t_pad != t:
     q = jnp.pad(q, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)), constant_values=jnp.nan)
@@ -424,7 +440,7 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
   t = t_pad
   logger.debug("gqa prefill launch (mosaic): B=%d T=%d S=%d N=%d K=%d H=%d dtype=%s grid=%s "
                "chunks=%d block_kv=%d stages=%d kv_splits=%d", b, t_len, s, n, kh, h, q.dtype,
-               (num_tiles * kv_splits, kh, b), num_chunks, block_kv, stages, kv_splits)
+               (kh, num_tiles * kv_splits, b), num_chunks, block_kv, stages, kv_splits)
   with_lse = return_lse or kv_splits > 1  # the merge weighs the splits by their lse
   k_shape = (stages, h, block_kv) if interpret else (stages, block_kv, h)
   scratch = [
@@ -433,7 +449,7 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
       _swizzled((stages, block_kv, h), v.dtype),
       _swizzled((CONSUMERS, ROWS_PER_WG, block_kv), q.dtype) if interpret else None,
       plgpu.SMEM((CONSUMERS, ROWS_PER_WG), jnp.float32) if with_lse else None,
-      plgpu.Barrier(num_arrivals=CHUNKS_PER_WG, num_barriers=CONSUMERS),
+      plgpu.Barrier(num_arrivals=ROWS_PER_WG // chunk_rows(g), num_barriers=CONSUMERS),
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
@@ -453,10 +469,13 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
 
   out_type = [jax.ShapeDtypeStruct((kv_splits, b, t, n, h), q.dtype)]
   if with_lse:
-    out_type.append(jax.ShapeDtypeStruct((kv_splits, b, n, t), jnp.float32))
+    # Whole chunks: a chunk's lse row is one contiguous bulk copy, which Mosaic GPU bounds by
+    # the array's end only, not by T (a row past T would land in the next head's row).
+    out_type.append(jax.ShapeDtypeStruct((kv_splits, b, n, _round_up(t, chunk_rows(g))),
+                                         jnp.float32))
   outs = plgpu.kernel(
-      body, out_type=out_type, grid=(num_tiles * kv_splits, kh, b),
-      grid_names=("tile", "kv_head", "b"),
+      body, out_type=out_type, grid=(kh, num_tiles * kv_splits, b),
+      grid_names=("kv_head", "tile", "b"),
       num_threads=CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=compat.interpret_params() if interpret else None,
@@ -464,7 +483,7 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
   if kv_splits == 1:
     out, lse = outs[0][0], outs[1][0] if with_lse else None
   else:
-    out, lse = merge_splits(outs[0], outs[1])
+    out, lse = merge_splits(outs[0], outs[1][..., :t])
   out = out[:, :t_len]
   if return_lse:
     return out, jnp.transpose(lse[:, :, :t_len], (0, 2, 1))
