@@ -176,9 +176,58 @@ def plots(prefill, decode, res, img_dir):
   return made
 
 
+def backward_table(rows):
+  backends = _backend_columns(rows, "tflops")
+  head = (["B", "S", "N:K", "H", "ours (forward + backward)"] + [f"`{b}`" for b in backends] +
+          ["cuDNN", "XLA", "Pallas-Triton `mha`", "ours / cuDNN", "ours / mha",
+           "backward alone (TFLOP/s, 2.5x fwd FLOPs)", "rel. err of dq, dk, dv vs cuDNN"])
+  out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    t = r["tflops"]
+    ours = r.get("ours_backend", "?")
+    pair = f"{ours} + {r.get('backward_of', {}).get(ours, '?')}"
+    only = r.get("backward_only_tflops", {})
+    default_only = {k: v for k, v in only.items() if "[" not in k}
+    err = r.get("rel_err_vs_cudnn") or {}
+    cells = [r["B"], r["S"], f"{r['N']}:{r['K']}", r["H"], f"{_f(t.get('ours'))} ({pair})"]
+    cells += [_f(t.get(b)) for b in backends]
+    cells += [_f(t.get("cudnn")), _f(t.get("xla")), _f(t.get("pl-triton")),
+              _f(_ratio(t.get("ours"), t.get("cudnn")), "{:.2f}"),
+              _f(_ratio(t.get("ours"), t.get("pl-triton")), "{:.2f}"),
+              ", ".join(f"{k} {v:.0f}" for k, v in default_only.items()) or "-",
+              ", ".join(f"{err[g]:.1e}" for g in ("dq", "dk", "dv") if g in err) or "-"]
+    out.append("| " + " | ".join(str(c) for c in cells) + " |")
+  return "\n".join(out)
+
+
+def backward_section(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    res = json.load(f)
+  rows = [r for r in res["rows"] if r["kind"] == "backward"]
+  if not rows:
+    return []
+  return [
+      "## Forward + backward (causal, bf16, T = S; TFLOP/s counting 3.5x the forward's FLOPs)",
+      "",
+      f"From `{os.path.relpath(path, ROOT)}`: {res['device']}, jax {res['jax']}, "
+      f"{res['date'][:10]}. One call = the forward and the VJP for one output cotangent "
+      "(`jax.vjp`), what a training step runs per attention layer. Our column pairs the "
+      "default forward with the backward the registry picks for it; cuDNN and XLA are "
+      "`jax.grad` through `jax.nn.dot_product_attention` (XLA only where its float32 "
+      "`[B, N, S, S]` fits); Pallas-Triton `mha` is JAX's kernel with its own backward (K/V "
+      "repeated beforehand, untimed; best of two backward block sizes).",
+      "",
+      backward_table(rows),
+      "",
+  ]
+
+
 def _history(main_path):
   shown = {os.path.abspath(main_path),
-           os.path.abspath(main_path.replace(".json", "-prefill.json"))}
+           os.path.abspath(main_path.replace(".json", "-prefill.json")),
+           os.path.abspath(main_path.replace(".json", "-backward.json"))}
   others = sorted(p for p in glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))
                   if os.path.abspath(p) not in shown)
   if not others:
@@ -283,6 +332,7 @@ def main(argv=None):
       "",
   ]
   text += step_section(path.replace(".json", "-decode-step.json"))
+  text += backward_section(path.replace(".json", "-backward.json"))
   for p in made:
     text += [f"![{os.path.basename(p)}](img/{os.path.basename(p)})", ""]
   text += [

@@ -1,10 +1,12 @@
 """One GPU run: ceilings, the anchor prefill grid and the anchor decode grid, side by side.
 
-    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill,chunked,decode,step] [--sweep]
+    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill,chunked,decode,step,backward]
+        [--sweep]
         [--dtypes bfloat16,float16] [--out FILE]
 
 Writes ``benchmarks/results/<device>.json`` (``--only step``: ``<device>-decode-step.json``;
-``--only prefill,chunked``: ``<device>-prefill.json``; or ``--out``) and prints a table. Every
+``--only prefill,chunked``: ``<device>-prefill.json``; ``--only backward``:
+``<device>-backward.json``; or ``--out``) and prints a table. Every
 Pallas backend of the registry that runs a shape is timed
 under its own name; ``ours`` is the one ``implementation=None`` picks on this device. Kernel
 times are CUPTI medians (``benchmarks.common.measure_ms``); every row of one file comes from one
@@ -32,6 +34,7 @@ common.quiet()
 
 import gqa_pallas as gp  # pylint: disable=g-import-not-at-top
 from gqa_pallas import devices, registry  # pylint: disable=g-import-not-at-top
+from gqa_pallas.triton.backward import BackwardConfig  # pylint: disable=g-import-not-at-top
 from gqa_pallas.triton.decode import DecodeConfig  # pylint: disable=g-import-not-at-top
 from gqa_pallas.triton.prefill import PrefillConfig  # pylint: disable=g-import-not-at-top
 from gqa_pallas.validation import AttentionDims  # pylint: disable=g-import-not-at-top
@@ -243,6 +246,94 @@ def _prefill_baselines(record, row, q, k, v, scale):
     row.best_of("pl-mgpu", "pl-mgpu")
 
 
+# Triton backward configs timed (backward kernels alone) by --only backward --sweep.
+BACKWARD_SWEEP = [BackwardConfig(*c) for c in
+                  [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2),
+                   (128, 128, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)]]
+
+
+def _fwd_bwd(attention):
+  """The forward and the VJP of ``attention`` for one output cotangent: what a training step
+  runs per attention call."""
+  def run(q, k, v, d_out):
+    _, vjp = jax.vjp(attention, q, k, v)
+    return vjp(d_out)
+  return run
+
+
+def bench_backward(sweep: bool, iterations: int, rows, dtype=jnp.bfloat16):
+  """Forward+backward of the prefill grid (TFLOP/s counting 3.5x the causal forward's FLOPs):
+  each of our forward backends with the backward the registry pairs it with, cuDNN and XLA
+  through ``jax.nn``, and JAX's Pallas-Triton ``mha`` (K/V repeated beforehand, untimed)."""
+  from jax.experimental.pallas.ops.gpu import attention as pl_attention  # pylint: disable=g-import-not-at-top
+  for (b, s, n, kh, h) in shapes.PREFILL_GRID:
+    ks = jax.random.split(jax.random.key(b * s + n + 7), 4)
+    q = common.rand(ks[0], (b, s, n, h), dtype)
+    k, v = common.rand(ks[1], (b, s, kh, h), dtype), common.rand(ks[2], (b, s, kh, h), dtype)
+    d_out = common.rand(ks[3], (b, s, n, h), dtype)
+    dims = AttentionDims(b, s, s, n, kh, h)
+    flops = 3.5 * 2 * b * s * s * n * h
+    default, backends = _backends("prefill", dims, dtype)
+    problem = registry.Problem("prefill", dims, jnp.dtype(dtype).name, device=devices.current())
+    row = _Row("tflops", flops, kind="backward", B=b, S=s, N=n, K=kh, H=h,
+               dtype=jnp.dtype(dtype).name, causal=True, flops=flops, ours_backend=default,
+               backward_of={name: registry.resolve_backward(registry.get(name), problem).name
+                            for name in backends})
+    record = functools.partial(row.record, iterations=iterations)
+    for name in backends:
+      record(name, _fwd_bwd(functools.partial(gp.gqa_attention, implementation=name)),
+             q, k, v, d_out)
+    row.alias(default, "ours")
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                         implementation="cudnn")
+    record("cudnn", _fwd_bwd(cudnn), q, k, v, d_out)
+    if b * n * s * s * 4 <= 8 << 30:  # XLA materialises [B, N, S, S] in float32
+      record("xla", _fwd_bwd(lambda q, k, v: jax.nn.dot_product_attention(
+          q, k, v, is_causal=True, implementation="xla")), q, k, v, d_out)
+    g = n // kh
+    kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    for blocks in ((32, 32), (64, 64)):
+      sizes = pl_attention.BlockSizes(block_q=128, block_k=64, block_q_dkv=blocks[0],
+                                      block_kv_dkv=blocks[1], block_q_dq=blocks[0],
+                                      block_kv_dq=blocks[1])
+      record(f"pl-triton[{blocks[0]},{blocks[1]}]", _fwd_bwd(
+          lambda q, k, v, sizes=sizes: pl_attention.mha(q, k, v, None, sm_scale=1 / math.sqrt(h),
+                                                        causal=True, block_sizes=sizes)),
+             q, kr, vr, d_out)
+    row.best_of("pl-triton", "pl-triton")
+    del kr, vr
+    # The backward kernels alone (the forward's residuals computed once, untimed).
+    for name in dict.fromkeys(row["backward_of"].values()):
+      backend = registry.get(name)
+      if "prefill_bwd" not in backend.ops or name == "xla":
+        continue
+      kv_lengths = jnp.full((b,), s, jnp.int32)
+      q_offset = jnp.zeros((b,), jnp.int32)
+      out, lse = gp.gqa_attention(q, k, v, return_lse=True)
+      configs = [None] + (BACKWARD_SWEEP if sweep and s == 8192 else [])
+      for cfg in configs:
+        cfg_run = cfg or backend.default_config(registry.backward_problem(problem))
+        label = f"{name}-bwd" + ("" if cfg is None else
+                                 f"[{cfg.block_m},{cfg.block_n},{cfg.num_warps},{cfg.num_stages}]")
+        record(label, lambda q, k, v, d_out, backend=backend, cfg_run=cfg_run: backend.prefill_bwd(
+            q, k, v, q_offset, kv_lengths, out, lse, d_out, None, causal=True,
+            scale=1 / math.sqrt(h), interpret=False, config=cfg_run), q, k, v, d_out)
+        if label in row["ms"]:  # its own fields: the backward alone is 2.5x the forward's FLOPs
+          row.setdefault("backward_only_ms", {})[label] = row["ms"].pop(label)
+          row.setdefault("backward_only_tflops", {})[label] = row["tflops"].pop(label) * 2.5 / 3.5
+    # Gradients of the default pairing against cuDNN's on this very input.
+    ours = jax.jit(_fwd_bwd(gp.gqa_attention))(q, k, v, d_out)
+    ref = _try(lambda: jax.jit(_fwd_bwd(cudnn))(q, k, v, d_out))
+    if not isinstance(ref, str):
+      row["rel_err_vs_cudnn"] = {name: _rel_err(a, r) for name, a, r in
+                                 zip(("dq", "dk", "dv"), ours, ref)}
+    rows.append(row)
+    t = row["tflops"]
+    cells = "  ".join(f"{k} {v:.0f}" for k, v in t.items())
+    print(f"fwd+bwd {row['dtype']} B{b} S{s} {n}:{kh} H{h}: {cells} TFLOP/s "
+          f"err vs cudnn {row.get('rel_err_vs_cudnn')}", flush=True)
+
+
 def bench_decode(sweep: bool, iterations: int, ceilings: dict, rows, grid=None):
   """Appends the decode rows to ``rows``: the grid, ragged lengths and T = 4."""
   from jax.experimental.pallas.ops.gpu import decode_attention as pl_decode  # pylint: disable=g-import-not-at-top
@@ -366,8 +457,8 @@ def bench_decode_step(iterations: int, rows, loop_steps: int = 9):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--only", default=None,
-                      help="comma-separated parts: prefill, chunked, decode, step (default: the "
-                           "first three)")
+                      help="comma-separated parts: prefill, chunked, decode, step, backward "
+                           "(default: the first three)")
   parser.add_argument("--sweep", action="store_true", help="time several Triton configs")
   parser.add_argument("--dtypes", default="bfloat16,float16",
                       help="prefill input dtypes, comma-separated")
@@ -377,8 +468,8 @@ def main(argv=None):
                       help="only these decode grid shapes, e.g. '16,4096,14,2,64;16,2048,8,8,64'")
   args = parser.parse_args(argv)
   parts = set(args.only.split(",")) if args.only else {"prefill", "chunked", "decode"}
-  if not parts <= {"prefill", "chunked", "decode", "step"}:
-    parser.error(f"--only takes prefill, chunked, decode, step; got {args.only!r}")
+  if not parts <= {"prefill", "chunked", "decode", "step", "backward"}:
+    parser.error(f"--only takes prefill, chunked, decode, step, backward; got {args.only!r}")
   info = common.device_info()
   if info["platform"] != "gpu":
     sys.exit("benchmarks need a CUDA GPU")
@@ -393,6 +484,8 @@ def main(argv=None):
   name = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
   if parts == {"step"}:
     name += "-decode-step"
+  elif parts == {"backward"}:
+    name += "-backward"
   elif parts <= {"prefill", "chunked"}:
     name += "-prefill"
   out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
@@ -409,6 +502,8 @@ def main(argv=None):
     bench_decode(args.sweep, args.iterations, result, rows, grid)
   if "step" in parts:
     bench_decode_step(args.iterations, rows)
+  if "backward" in parts:
+    bench_backward(args.sweep, args.iterations, rows)
   rows.save()
   print("wrote", out)
 

@@ -77,7 +77,8 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
       DecodeConfig``); ``None`` for its default.
 
   Returns:
-    Output with q's shape and dtype (and the lse ``float32[B, (T,) N]``).
+    Output with q's shape and dtype (and the lse ``float32[B, (T,) N]``). Differentiable in q
+    and the cache's k/v (through the reference's VJP: ``T`` is small).
   """
   if not isinstance(cache, KVCache):
     raise TypeError(f"cache must be a gqa_pallas.KVCache; got {type(cache).__name__}.")
@@ -98,9 +99,9 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
   backend, config, q_offset, kv_lengths, scale, _ = _plan(
       "decode", q, cache.k, cache.v, q_offset, cache.lengths, scale, implementation, interpret,
       config, True)
-  res = backend.decode(q, cache.k, cache.v, q_offset if offset_given else None, kv_lengths,
-                       scale=scale, return_lse=bool(return_lse), interpret=bool(interpret),
-                       config=config)
+  plan = vjp.DecodePlan(backend=backend, scale=scale, return_lse=bool(return_lse),
+                        interpret=bool(interpret), config=config)
+  res = vjp.decode(q, cache.k, cache.v, q_offset if offset_given else None, kv_lengths, plan)
   if single:
     res = jax.tree_util.tree_map(lambda x: x[:, 0], res)
   return res

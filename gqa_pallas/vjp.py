@@ -3,9 +3,10 @@
 A Pallas forward is opaque to JAX's autodiff, so ``gqa_attention`` wraps it here: the forward
 rule runs the chosen backend's ``prefill`` (always with the lse, which flash backward kernels
 reuse) and keeps ``(q, k, v, q_offset, kv_lengths, out, lse)``; the backward rule runs the
-``prefill_bwd`` of the backend ``registry.resolve_backward`` picked. Today that is the reference's
-VJP (``"xla"``: exact, but it materialises ``[B, N, T, S]``); a backward kernel plugs in by
-implementing ``prefill_bwd`` in its backend. A forward JAX can differentiate itself (the
+``prefill_bwd`` of the backend ``registry.resolve_backward`` picked: the Triton flash backward
+(``gqa_pallas/triton/backward.py``) wherever a Pallas forward runs and it takes the head dim, else
+the reference's VJP (``"xla"``: exact, but it materialises ``[B, N, T, S]``). A backward kernel
+plugs in by implementing ``prefill_bwd`` in its backend. A forward JAX can differentiate itself (the
 ``"xla"`` backend) is called directly, so forward-mode and higher-order derivatives keep working.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import jax
 
-from gqa_pallas import registry
+from gqa_pallas import reference, registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,3 +66,54 @@ def _prefill_bwd(plan, residuals, cotangent):
 
 
 _prefill.defvjp(_prefill_fwd, _prefill_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+  """Everything static about one differentiable decode call."""
+  backend: registry.Backend
+  scale: float
+  return_lse: bool
+  interpret: bool
+  config: Any
+
+
+def decode(q, k, v, q_offset, lengths, plan: DecodePlan):
+  """``plan.backend``'s decode, differentiable in q, k and v.
+
+  A decode kernel has no backward of its own: its gradients are the reference's VJP, which is
+  cheap here (``T <= 16`` query tokens: the ``[B, N, T, S]`` weights are a few of the cache's
+  bytes per token). ``q_offset`` may be ``None`` (``lengths - T``).
+  """
+  if plan.backend.differentiable:
+    return _decode_forward(plan, q, k, v, q_offset, lengths)
+  return _decode(q, k, v, q_offset, lengths, plan)
+
+
+def _decode_forward(plan, q, k, v, q_offset, lengths):
+  return plan.backend.decode(q, k, v, q_offset, lengths, scale=plan.scale,
+                             return_lse=plan.return_lse, interpret=plan.interpret,
+                             config=plan.config)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _decode(q, k, v, q_offset, lengths, plan):
+  return _decode_forward(plan, q, k, v, q_offset, lengths)
+
+
+def _decode_fwd(q, k, v, q_offset, lengths, plan):
+  return _decode_forward(plan, q, k, v, q_offset, lengths), (q, k, v, q_offset, lengths)
+
+
+def _decode_bwd(plan, residuals, cotangent):
+  q, k, v, q_offset, lengths = residuals
+  if q_offset is None:
+    q_offset = lengths - q.shape[1]
+  fn = functools.partial(reference.attention_reference, causal=True, q_offset=q_offset,
+                         kv_lengths=lengths, scale=plan.scale, return_lse=plan.return_lse)
+  _, vjp = jax.vjp(fn, q, k, v)
+  dq, dk, dv = vjp(cotangent)
+  return dq, dk, dv, None, None
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)

@@ -124,12 +124,15 @@ def test_config_is_checked_against_the_backend():
     gp.gqa_decode(q[:, 0], cache, implementation="triton", interpret=True, config=cfg)
 
 
-def test_backward_pairs_with_the_reference_vjp():
+def test_backward_pairs_with_a_backward_kernel_or_the_reference_vjp():
   triton = registry.get("triton")
-  assert registry.resolve_backward(triton, _problem(interpret=True)).name == "xla"
-  assert registry.resolve_backward(triton, _problem(device=devices.H200)).name == "xla"
+  assert registry.resolve_backward(triton, _problem(interpret=True)).name == "triton"
+  assert registry.resolve_backward(triton, _problem(device=devices.H200)).name == "triton"
   xla = registry.get("xla")
   assert registry.resolve_backward(xla, _problem()).name == "xla"
+  # A head dim no backward kernel takes: the reference's VJP.
+  odd = _problem(device=devices.H200, head_dim=260)
+  assert registry.resolve_backward(triton, odd).name == "xla"
 
 
 def test_xla_forward_keeps_forward_mode_autodiff():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from gqa_pallas import reference, registry
 from gqa_pallas.triton import append as append_kernel
+from gqa_pallas.triton import backward as backward_kernel
 from gqa_pallas.triton import decode as decode_kernel
 from gqa_pallas.triton import flash
 from gqa_pallas.triton import prefill as prefill_kernel
@@ -10,11 +11,13 @@ from gqa_pallas.triton import prefill as prefill_kernel
 
 class TritonBackend(registry.Backend):
   name = "triton"
-  ops = frozenset({"prefill", "decode", "append"})
+  ops = frozenset({"prefill", "prefill_bwd", "decode", "append"})
   config_types = {"prefill": prefill_kernel.PrefillConfig,
+                  "prefill_bwd": backward_kernel.BackwardConfig,
                   "decode": decode_kernel.DecodeConfig}
   custom_call = "triton"
-  _kernels = {"prefill": prefill_kernel, "decode": decode_kernel}
+  _kernels = {"prefill": prefill_kernel, "prefill_bwd": backward_kernel,
+              "decode": decode_kernel}
 
   def unsupported(self, problem):
     if not (problem.device.is_gpu or problem.interpret):
@@ -40,6 +43,12 @@ class TritonBackend(registry.Backend):
               config):
     return prefill_kernel.prefill_attention(
         q, k, v, q_offset, kv_lengths, causal=causal, scale=scale, return_lse=return_lse,
+        interpret=interpret, config=config)
+
+  def prefill_bwd(self, q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, *, causal,
+                  scale, interpret, config):
+    return backward_kernel.prefill_attention_bwd(
+        q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, causal=causal, scale=scale,
         interpret=interpret, config=config)
 
   def decode(self, q, k, v, q_offset, lengths, *, scale, return_lse, interpret, config):

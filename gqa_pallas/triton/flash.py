@@ -24,6 +24,31 @@ LOG2_E = math.log2(math.e)  # softmax runs in base 2: exp(x) = exp2(x * log2(e))
 LN_2 = math.log(2.0)        # log2-domain lse -> natural-log lse
 
 
+def check_launch_config(config, block_fields=("block_m", "block_k")):
+  """Validates a Triton kernel config: block sizes powers of two >= 16, warps/stages positive."""
+  name = type(config).__name__
+  for field in block_fields:
+    value = getattr(config, field)
+    if not isinstance(value, int) or value < 16 or value & (value - 1):
+      raise ValueError(f"{name}.{field} must be a power of two >= 16; got {value!r}.")
+  for field in ("num_warps", "num_stages"):
+    value = getattr(config, field)
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}.{field} must be a positive int; got {value!r}.")
+
+
+def config_table(h64, h128, h256, f32, f32_h256):
+  """(padded head dim, dtype name) -> config: 16-bit dtypes share a row, float32 tiles are
+  smaller (twice the bytes per element)."""
+  table = {}
+  for dtype in ("bfloat16", "float16"):
+    table.update({(16, dtype): h64, (32, dtype): h64, (64, dtype): h64, (128, dtype): h128,
+                  (256, dtype): h256})
+  table.update({(hp, "float32"): f32 for hp in (16, 32, 64, 128)})
+  table[(256, "float32")] = f32_h256
+  return table
+
+
 def padded_head_dim(head_dim: int) -> int:
   return max(16, pl.next_power_of_2(head_dim))
 

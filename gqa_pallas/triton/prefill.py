@@ -42,26 +42,7 @@ class PrefillConfig:
   num_stages: int = 3
 
   def __post_init__(self):
-    for name in ("block_m", "block_k"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 16 or value & (value - 1):
-        raise ValueError(f"PrefillConfig.{name} must be a power of two >= 16; got {value!r}.")
-    for name in ("num_warps", "num_stages"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"PrefillConfig.{name} must be a positive int; got "
-                         f"{getattr(self, name)!r}.")
-
-
-def _table(h64, h128, h256, f32, f32_h256):
-  """(padded head dim, dtype name) -> config: 16-bit dtypes share a row, float32 tiles are
-  smaller (twice the bytes per element)."""
-  table = {}
-  for dtype in ("bfloat16", "float16"):
-    table.update({(16, dtype): h64, (32, dtype): h64, (64, dtype): h64, (128, dtype): h128,
-                  (256, dtype): h256})
-  table.update({(hp, "float32"): f32 for hp in (16, 32, 64, 128)})
-  table[(256, "float32")] = f32_h256
-  return table
+    flash.check_launch_config(self, ("block_m", "block_k"))
 
 
 # Tuning tables by device kind, from `python -m benchmarks.run --only prefill --sweep` on that
@@ -69,9 +50,12 @@ def _table(h64, h128, h256, f32, f32_h256):
 # CPU in interpret mode / lowering for CUDA) takes HEURISTIC_TABLE: the H100's measured entries,
 # whose pipelined K/V tiles (num_stages x block_k x head dim, K and V) take at most 64 KB of
 # shared memory, so they suit sm80-sm89 GPUs too.
-HEURISTIC_TABLE = _table(h64=PrefillConfig(64, 64, 4, 3), h128=PrefillConfig(128, 64, 4, 2),
-                         h256=PrefillConfig(64, 32, 4, 2), f32=PrefillConfig(64, 32, 4, 2),
-                         f32_h256=PrefillConfig(32, 32, 4, 1))
+HEURISTIC_TABLE = flash.config_table(
+    h64=PrefillConfig(64, 64, 4, 3),
+    h128=PrefillConfig(128, 64, 4, 2),
+    h256=PrefillConfig(64, 32, 4, 2),
+    f32=PrefillConfig(64, 32, 4, 2),
+    f32_h256=PrefillConfig(32, 32, 4, 1))
 TUNING_TABLES: dict[str, dict[tuple[int, str], PrefillConfig]] = {
     "NVIDIA H100 80GB HBM3": HEURISTIC_TABLE,
     # H200 sweep (nvidia-h200-prefill-sweep.json, bf16, six anchor shapes): the H100 entries
