@@ -15,13 +15,17 @@ from gqa_pallas import devices, reference, registry, validation, vjp
 from gqa_pallas.cache import KVCache
 
 
-def _plan(op, q, k, v, q_offset, kv_lengths, scale, implementation, interpret, config, causal):
+def _plan(op, q, k, v, q_offset, kv_lengths, scale, implementation, interpret, config, causal,
+          sliding_window=None, logits_soft_cap=None):
   """Validates once and fills the defaults: ``(backend, config, q_offset, kv_lengths, scale,
   problem)``."""
   dims, q_offset, kv_lengths = validation.validate_attention(q, k, v, q_offset, kv_lengths)
   validation.check_scale(scale)
+  sliding_window, logits_soft_cap = validation.check_window_and_cap(sliding_window,
+                                                                    logits_soft_cap, causal)
   problem = registry.Problem(op, dims, jnp.dtype(q.dtype).name, causal=bool(causal),
-                             interpret=bool(interpret), device=devices.current())
+                             interpret=bool(interpret), device=devices.current(),
+                             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
   backend = registry.resolve(implementation, problem)
   config = registry.check_config(backend, op, config, problem)
   q_offset, kv_lengths = reference.resolve_positions(dims, q_offset, kv_lengths)
@@ -30,7 +34,8 @@ def _plan(op, q, k, v, q_offset, kv_lengths, scale, implementation, interpret, c
 
 
 def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale=None,
-                  implementation=None, interpret=False, return_lse=False, config=None):
+                  implementation=None, interpret=False, return_lse=False, config=None,
+                  sliding_window=None, logits_soft_cap=None):
   """Causal (or full) grouped-query attention with the reference's semantics.
 
   Args:
@@ -45,12 +50,18 @@ def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale
     return_lse: also return the log-sum-exp ``float32[B, T, N]`` (``-inf`` for empty rows).
     config: the backend's static prefill config (e.g. ``gqa_pallas.triton.prefill.
       PrefillConfig``); ``None`` for its default.
+    sliding_window: static int: a query at position ``p`` sees only keys ``j > p -
+      sliding_window`` (itself and the ``sliding_window - 1`` before it; causal only). ``None``:
+      no window.
+    logits_soft_cap: static float: scaled logits ``s`` become ``cap * tanh(s / cap)`` (Gemma 2);
+      ``None``: off.
 
   Returns:
     ``[B, T, N, H]`` in q's dtype (and the lse). Differentiable in q, k, v.
   """
   backend, config, q_offset, kv_lengths, scale, problem = _plan(
-      "prefill", q, k, v, q_offset, kv_lengths, scale, implementation, interpret, config, causal)
+      "prefill", q, k, v, q_offset, kv_lengths, scale, implementation, interpret, config, causal,
+      sliding_window, logits_soft_cap)
   if 0 in (problem.dims.batch, problem.dims.q_len, problem.dims.kv_len):
     return reference.empty_result(q, return_lse)  # nothing to launch, whatever the backend
   # Lengths past S act as S, negative ones as 0 (design.md): the kernels get them in range.
@@ -58,12 +69,15 @@ def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale
   backward = registry.resolve_backward(backend, problem)
   plan = vjp.Plan(forward=backend, backward=backward, causal=bool(causal), scale=scale,
                   return_lse=bool(return_lse), interpret=bool(interpret), config=config,
-                  backward_config=backward.default_config(registry.backward_problem(problem)))
+                  backward_config=backward.default_config(registry.backward_problem(problem)),
+                  sliding_window=problem.sliding_window,
+                  logits_soft_cap=problem.logits_soft_cap)
   return vjp.prefill(q, k, v, q_offset, kv_lengths, plan)
 
 
 def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=None,
-               interpret=False, return_lse=False, config=None):
+               interpret=False, return_lse=False, config=None, sliding_window=None,
+               logits_soft_cap=None):
   """Attention of a few new query tokens per row over a KV cache that already holds them.
 
   Args:
@@ -75,6 +89,8 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
     scale, implementation, interpret, return_lse: as in ``gqa_attention``.
     config: the backend's static decode config (e.g. ``gqa_pallas.triton.decode.
       DecodeConfig``); ``None`` for its default.
+    sliding_window, logits_soft_cap: as in ``gqa_attention`` (with a window only the last
+      ``sliding_window`` keys of each row are read).
 
   Returns:
     Output with q's shape and dtype (and the lse ``float32[B, (T,) N]``). Differentiable in q
@@ -96,11 +112,13 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
   # The backend gets q_offset=None for the default (lengths - T): a kernel can derive it itself
   # instead of launching an elementwise op per step.
   offset_given = q_offset is not None
-  backend, config, q_offset, kv_lengths, scale, _ = _plan(
+  backend, config, q_offset, kv_lengths, scale, problem = _plan(
       "decode", q, cache.k, cache.v, q_offset, cache.lengths, scale, implementation, interpret,
-      config, True)
+      config, True, sliding_window, logits_soft_cap)
   plan = vjp.DecodePlan(backend=backend, scale=scale, return_lse=bool(return_lse),
-                        interpret=bool(interpret), config=config)
+                        interpret=bool(interpret), config=config,
+                        sliding_window=problem.sliding_window,
+                        logits_soft_cap=problem.logits_soft_cap)
   res = vjp.decode(q, cache.k, cache.v, q_offset if offset_given else None, kv_lengths, plan)
   if single:
     res = jax.tree_util.tree_map(lambda x: x[:, 0], res)

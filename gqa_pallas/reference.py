@@ -1,7 +1,9 @@
 """Pure-``jnp`` reference: the single definition of the package's semantics.
 
 Attention: query row ``t`` of batch row ``b`` sits at absolute position ``q_offset[b] + t``; key
-``j`` is visible iff ``j < kv_lengths[b]`` and, when causal, ``j <= q_offset[b] + t``. Defaults:
+``j`` is visible iff ``j < kv_lengths[b]`` and, when causal, ``j <= q_offset[b] + t`` (and, with
+a ``sliding_window`` W, ``j > q_offset[b] + t - W``). With ``logits_soft_cap`` c the scaled logits
+``s`` become ``c * tanh(s / c)`` before masking. Defaults:
 ``kv_lengths = S``, ``q_offset = kv_lengths - T`` (bottom-right alignment). Rows with no visible
 key give 0 and lse ``-inf``; anything stored at or past ``kv_lengths[b]`` (NaN included) never
 reaches the output.
@@ -32,14 +34,24 @@ def resolve_positions(dims, q_offset, kv_lengths):
   return q_offset, kv_lengths
 
 
-def visibility_mask(q_len, kv_len, q_offset, kv_lengths, causal):
+def visibility_mask(q_len, kv_len, q_offset, kv_lengths, causal, sliding_window=None):
   """bool ``[B, T, S]``: whether key ``j`` is visible to query row ``t``."""
   t = jnp.arange(q_len, dtype=jnp.int32)[None, :, None]
   j = jnp.arange(kv_len, dtype=jnp.int32)[None, None, :]
   mask = j < kv_lengths[:, None, None]
   if causal:
     mask = mask & (j <= q_offset[:, None, None] + t)
+  if sliding_window is not None:
+    mask = mask & (j > q_offset[:, None, None] + t - sliding_window)
   return mask
+
+
+def soft_cap(logits, cap):
+  """Gemma 2's logit soft-cap ``cap * tanh(logits / cap)`` (``None``: unchanged)."""
+  if cap is None:
+    return logits
+  cap = jnp.asarray(cap, logits.dtype)
+  return cap * jnp.tanh(logits / cap)
 
 
 def zero_invalid_keys(k, v, kv_lengths):
@@ -78,7 +90,8 @@ def empty_result(q, return_lse: bool):
 
 
 def attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale=None,
-                        return_lse=False, compute_dtype=jnp.float32):
+                        return_lse=False, compute_dtype=jnp.float32, sliding_window=None,
+                        logits_soft_cap=None):
   """Grouped-query attention, computed directly.
 
   Args:
@@ -90,24 +103,32 @@ def attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
     scale: logit scale (default ``1 / sqrt(H)``).
     return_lse: also return the natural-log log-sum-exp ``float32[B, T, N]``.
     compute_dtype: softmax/accumulation dtype (float32; tests pass float64 or the input dtype).
+    sliding_window: causal only: a query at position ``p`` also needs ``j > p - sliding_window``
+      (itself and the ``sliding_window - 1`` keys before it). ``None``: no window.
+    logits_soft_cap: scaled logits ``s`` become ``cap * tanh(s / cap)`` before masking and the
+      softmax (the lse is of the capped logits). ``None``: off.
 
   Returns:
     ``[B, T, N, H]`` in q's dtype, and the lse when ``return_lse``.
   """
   dims, q_offset, kv_lengths = validation.validate_attention(q, k, v, q_offset, kv_lengths)
   validation.check_scale(scale)
+  sliding_window, logits_soft_cap = validation.check_window_and_cap(sliding_window,
+                                                                    logits_soft_cap, causal)
   q_offset, kv_lengths = resolve_positions(dims, q_offset, kv_lengths)
   b, t, n, h = q.shape
   kh, g = dims.num_kv_heads, dims.group_size
   if scale is None:
     scale = 1.0 / math.sqrt(h)
-  mask = visibility_mask(t, dims.kv_len, q_offset, kv_lengths, causal)  # [B, T, S]
+  mask = visibility_mask(t, dims.kv_len, q_offset, kv_lengths, causal,
+                         sliding_window)  # [B, T, S]
   k, v = zero_invalid_keys(k, v, kv_lengths)
   k, v = k.astype(compute_dtype), v.astype(compute_dtype)
   qg = q.astype(compute_dtype).reshape(b, t, kh, g, h)
   precision = jax.lax.Precision.HIGHEST
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, precision=precision) * jnp.asarray(
       scale, compute_dtype)
+  logits = soft_cap(logits, logits_soft_cap)
   p, denom, row_max = softmax_parts(logits, mask[:, None, None, :, :])
   out = jnp.einsum("bkgts,bskh->btkgh", p, v, precision=precision)
   denom_t = jnp.moveaxis(denom[..., 0], -1, 1)[..., None]  # [B, T, K, G, 1]

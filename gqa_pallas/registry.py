@@ -63,6 +63,8 @@ class Problem:
     causal: causal masking (prefill; decode is always causal).
     interpret: run the kernel's code in an interpreter on the CPU.
     device: the device the call is planned for (``devices.current()``).
+    sliding_window: the window (keys a query sees, itself included) or ``None``.
+    logits_soft_cap: the logit soft-cap or ``None``.
   """
   op: str
   dims: validation.AttentionDims
@@ -70,6 +72,8 @@ class Problem:
   causal: bool = True
   interpret: bool = False
   device: devices.DeviceInfo = devices.CPU
+  sliding_window: int | None = None
+  logits_soft_cap: float | None = None
 
   @property
   def head_dim(self) -> int:
@@ -109,17 +113,20 @@ class Backend:
     return {}
 
   # The operations, on validated inputs (defaults resolved, lengths int32[B]).
+  # ``sliding_window`` / ``logits_soft_cap`` (static, ``None`` = off) reach a backend only when
+  # its ``unsupported`` accepted them.
   def prefill(self, q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret,
-              config):
+              config, sliding_window=None, logits_soft_cap=None):
     """``[B, T, N, H]`` output (and the float32 lse ``[B, T, N]`` when ``return_lse``)."""
     raise NotImplementedError
 
   def prefill_bwd(self, q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, *, causal,
-                  scale, interpret, config):
+                  scale, interpret, config, sliding_window=None, logits_soft_cap=None):
     """``(dq, dk, dv)`` of the prefill; ``d_lse`` is ``None`` when the lse was not returned."""
     raise NotImplementedError
 
-  def decode(self, q, k, v, q_offset, lengths, *, scale, return_lse, interpret, config):
+  def decode(self, q, k, v, q_offset, lengths, *, scale, return_lse, interpret, config,
+             sliding_window=None, logits_soft_cap=None):
     """q ``[B, T, N, H]`` over the cache ``[B, S_max, K, H]``; ``q_offset`` may be ``None``
     (``lengths - T``)."""
     raise NotImplementedError

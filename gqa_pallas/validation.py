@@ -92,6 +92,37 @@ def validate_attention(q, k, v, q_offset=None, kv_lengths=None):
   return AttentionDims(b, t, s, n, kh, h), q_offset, kv_lengths
 
 
+def check_window_and_cap(sliding_window, logits_soft_cap, causal=True):
+  """``(sliding_window, logits_soft_cap)`` as a Python ``int`` / ``float`` or ``None``.
+
+  Both are static (they pick kernels and block ranges); a value <= 0 is a ``ValueError``, and
+  a window needs causal attention (Hugging Face's convention: a query at ``p`` sees keys
+  ``p - sliding_window < j <= p``).
+  """
+  if sliding_window is not None:
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, (int, np.integer)):
+      raise TypeError(f"sliding_window must be a Python int or None; got "
+                      f"{type(sliding_window).__name__}.")
+    if sliding_window <= 0:
+      raise ValueError(f"sliding_window must be a positive int (the keys a query sees, itself "
+                       f"included) or None; got {sliding_window}.")
+    if not causal:
+      raise ValueError("sliding_window needs causal=True (a query sees itself and the "
+                       "sliding_window - 1 keys before it).")
+    sliding_window = int(sliding_window)
+  if logits_soft_cap is not None:
+    if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap,
+                                                           (int, float, np.floating,
+                                                            np.integer)):
+      raise TypeError(f"logits_soft_cap must be a Python float or None; got "
+                      f"{type(logits_soft_cap).__name__}.")
+    if not logits_soft_cap > 0:
+      raise ValueError(f"logits_soft_cap must be > 0 (logits become cap * tanh(logits / cap)) "
+                       f"or None; got {logits_soft_cap}.")
+    logits_soft_cap = float(logits_soft_cap)
+  return sliding_window, logits_soft_cap
+
+
 def check_scale(scale):
   if scale is not None and not isinstance(scale, (int, float, np.floating)):
     raise TypeError(f"scale must be a Python float or None; got {type(scale).__name__}.")

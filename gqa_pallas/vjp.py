@@ -31,6 +31,12 @@ class Plan:
   interpret: bool
   config: Any
   backward_config: Any
+  sliding_window: int | None = None
+  logits_soft_cap: float | None = None
+
+  @property
+  def features(self):
+    return dict(sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap)
 
 
 def prefill(q, k, v, q_offset, kv_lengths, plan: Plan):
@@ -43,7 +49,7 @@ def prefill(q, k, v, q_offset, kv_lengths, plan: Plan):
 def _forward(plan, q, k, v, q_offset, kv_lengths, return_lse):
   return plan.forward.prefill(q, k, v, q_offset, kv_lengths, causal=plan.causal,
                               scale=plan.scale, return_lse=return_lse,
-                              interpret=plan.interpret, config=plan.config)
+                              interpret=plan.interpret, config=plan.config, **plan.features)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -61,7 +67,7 @@ def _prefill_bwd(plan, residuals, cotangent):
   d_out, d_lse = cotangent if plan.return_lse else (cotangent, None)
   dq, dk, dv = plan.backward.prefill_bwd(
       q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, causal=plan.causal,
-      scale=plan.scale, interpret=plan.interpret, config=plan.backward_config)
+      scale=plan.scale, interpret=plan.interpret, config=plan.backward_config, **plan.features)
   return dq, dk, dv, None, None
 
 
@@ -76,6 +82,8 @@ class DecodePlan:
   return_lse: bool
   interpret: bool
   config: Any
+  sliding_window: int | None = None
+  logits_soft_cap: float | None = None
 
 
 def decode(q, k, v, q_offset, lengths, plan: DecodePlan):
@@ -93,7 +101,8 @@ def decode(q, k, v, q_offset, lengths, plan: DecodePlan):
 def _decode_forward(plan, q, k, v, q_offset, lengths):
   return plan.backend.decode(q, k, v, q_offset, lengths, scale=plan.scale,
                              return_lse=plan.return_lse, interpret=plan.interpret,
-                             config=plan.config)
+                             config=plan.config, sliding_window=plan.sliding_window,
+                             logits_soft_cap=plan.logits_soft_cap)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -110,7 +119,9 @@ def _decode_bwd(plan, residuals, cotangent):
   if q_offset is None:
     q_offset = lengths - q.shape[1]
   fn = functools.partial(reference.attention_reference, causal=True, q_offset=q_offset,
-                         kv_lengths=lengths, scale=plan.scale, return_lse=plan.return_lse)
+                         kv_lengths=lengths, scale=plan.scale, return_lse=plan.return_lse,
+                         sliding_window=plan.sliding_window,
+                         logits_soft_cap=plan.logits_soft_cap)
   _, vjp = jax.vjp(fn, q, k, v)
   dq, dk, dv = vjp(cotangent)
   return dq, dk, dv, None, None

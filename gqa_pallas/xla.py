@@ -12,10 +12,14 @@ import jax
 from gqa_pallas import reference, registry
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "return_lse"))
-def _attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse):
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "return_lse", "sliding_window",
+                                             "logits_soft_cap"))
+def _attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, sliding_window=None,
+               logits_soft_cap=None):
   return reference.attention_reference(q, k, v, causal=causal, q_offset=q_offset,
-                                       kv_lengths=kv_lengths, scale=scale, return_lse=return_lse)
+                                       kv_lengths=kv_lengths, scale=scale, return_lse=return_lse,
+                                       sliding_window=sliding_window,
+                                       logits_soft_cap=logits_soft_cap)
 
 
 class XlaBackend(registry.Backend):
@@ -30,26 +34,30 @@ class XlaBackend(registry.Backend):
     return None
 
   def prefill(self, q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret,
-              config):
+              config, sliding_window=None, logits_soft_cap=None):
     del interpret, config
     return _attention(q, k, v, q_offset, kv_lengths, causal=causal, scale=scale,
-                      return_lse=return_lse)
+                      return_lse=return_lse, sliding_window=sliding_window,
+                      logits_soft_cap=logits_soft_cap)
 
   def prefill_bwd(self, q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, *, causal,
-                  scale, interpret, config):
+                  scale, interpret, config, sliding_window=None, logits_soft_cap=None):
     del out, lse, interpret, config
     return_lse = d_lse is not None
     fn = functools.partial(reference.attention_reference, causal=causal, q_offset=q_offset,
-                           kv_lengths=kv_lengths, scale=scale, return_lse=return_lse)
+                           kv_lengths=kv_lengths, scale=scale, return_lse=return_lse,
+                           sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
     _, vjp = jax.vjp(fn, q, k, v)
     return vjp((d_out, d_lse) if return_lse else d_out)
 
-  def decode(self, q, k, v, q_offset, lengths, *, scale, return_lse, interpret, config):
+  def decode(self, q, k, v, q_offset, lengths, *, scale, return_lse, interpret, config,
+             sliding_window=None, logits_soft_cap=None):
     del interpret, config
     if q_offset is None:
       q_offset = lengths - q.shape[1]
     return _attention(q, k, v, q_offset, lengths, causal=True, scale=scale,
-                      return_lse=return_lse)
+                      return_lse=return_lse, sliding_window=sliding_window,
+                      logits_soft_cap=logits_soft_cap)
 
   def append(self, k, v, lengths, overflowed, k_new, v_new, num_new, *, interpret):
     del interpret

@@ -18,6 +18,9 @@ class MosaicBackend(registry.Backend):
       arch = "".join(map(str, device.compute_capability or ()))
       return (f"a Hopper GPU, sm90 (the device is {device.kind!r}{f', sm{arch}' if arch else ''}"
               "; interpret=True runs the kernel in Mosaic GPU's interpreter on the CPU)")
+    if problem.sliding_window is not None or problem.logits_soft_cap is not None:
+      return ("sliding_window / logits_soft_cap (the Mosaic GPU prefill has neither yet; the "
+              "Triton kernels take both)")
     return prefill_kernel.unsupported(problem.dims.head_dim, problem.dtype)
 
   def default_config(self, problem):
@@ -30,7 +33,8 @@ class MosaicBackend(registry.Backend):
     return dict(prefill_kernel.TUNING_TABLES, heuristic=prefill_kernel.HEURISTIC_TABLE)
 
   def prefill(self, q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret,
-              config):
+              config, sliding_window=None, logits_soft_cap=None):
+    del sliding_window, logits_soft_cap  # refused by unsupported()
     return prefill_kernel.prefill_attention(
         q, k, v, q_offset, kv_lengths, causal=causal, scale=scale, return_lse=return_lse,
         interpret=interpret, config=config)

@@ -40,21 +40,25 @@ class TritonBackend(registry.Backend):
     return dict(kernel.TUNING_TABLES, heuristic=kernel.HEURISTIC_TABLE)
 
   def prefill(self, q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret,
-              config):
+              config, sliding_window=None, logits_soft_cap=None):
     return prefill_kernel.prefill_attention(
         q, k, v, q_offset, kv_lengths, causal=causal, scale=scale, return_lse=return_lse,
-        interpret=interpret, config=config)
+        interpret=interpret, config=config, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap)
 
   def prefill_bwd(self, q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, *, causal,
-                  scale, interpret, config):
+                  scale, interpret, config, sliding_window=None, logits_soft_cap=None):
     return backward_kernel.prefill_attention_bwd(
         q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, causal=causal, scale=scale,
-        interpret=interpret, config=config)
+        interpret=interpret, config=config, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap)
 
-  def decode(self, q, k, v, q_offset, lengths, *, scale, return_lse, interpret, config):
+  def decode(self, q, k, v, q_offset, lengths, *, scale, return_lse, interpret, config,
+             sliding_window=None, logits_soft_cap=None):
     return decode_kernel.decode_attention(q, k, v, q_offset, lengths, scale=scale,
                                           return_lse=return_lse, interpret=interpret,
-                                          config=config)
+                                          config=config, sliding_window=sliding_window,
+                                          logits_soft_cap=logits_soft_cap)
 
   def append(self, k, v, lengths, overflowed, k_new, v_new, num_new, *, interpret):
     if k_new.shape[0] == 0 or k_new.shape[1] == 0:  # nothing to write: no launch

@@ -80,10 +80,17 @@ def _load_row_values(ref, t, g, valid, other):
   return tc.load(ref.at[t, g], mask=valid, other=other)
 
 
-def _probabilities(q, k, lse2, *, qk_scale):
-  """``P`` of a ``[M, Hp] x [N, Hp]`` tile from the base-2 lse (``+inf`` for empty rows)."""
-  s = flash._dot(q, k.T) * qk_scale  # pylint: disable=protected-access
-  return jnp.exp2(s - lse2[:, None])
+def _probabilities(q, k, lse2, *, qk_scale, soft_cap2):
+  """``P`` of a ``[M, Hp] x [N, Hp]`` tile from the base-2 lse (``+inf`` for empty rows), and
+  the soft-cap's ``tanh`` (``None`` without a cap)."""
+  s, th = flash.scores(q, k, qk_scale=qk_scale, soft_cap2=soft_cap2)
+  return jnp.exp2(s - lse2[:, None]), th
+
+
+def _logit_grad(p, dp, delta, th):
+  """``dS``: the gradient of the (uncapped, scaled) logits; through the cap's ``tanh``."""
+  ds = p * (dp - delta[:, None])
+  return ds if th is None else ds * (1. - th * th)
 
 
 def _safe_lse2(lse):
@@ -94,7 +101,7 @@ def _safe_lse2(lse):
 
 def _dkdv_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
                  dk_ref, dv_ref, *, scale, causal, block_m, block_n, head_dim, group_size,
-                 q_len):
+                 q_len, window, soft_cap):
   """One (key block, kv head, batch row).
 
   Refs: q, do ``[T, G, Hp]``; k, v, dk, dv ``[S, Hp]``; lse, delta ``[T, G]``.
@@ -114,17 +121,26 @@ def _dkdv_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_
   k = tc.load(k_ref.at[pl.ds(start, block_n), :], mask=kv_mask, other=0.)
   v = tc.load(v_ref.at[pl.ds(start, block_n), :], mask=kv_mask, other=0.)
 
-  # Row tiles [lo, num_tiles) can see the block; from `unmasked` on every row sees every key.
+  # Row tiles [lo, hi) hold a row that sees a key of the block; in [full_lo, full_hi) every row
+  # sees every key (positions grow with the row).
+  clip_t = lambda x: jnp.clip(x, 0, q_len)
   if causal:
-    first_t = jnp.clip(start - q_offset, 0, q_len)                 # sees key `start`
-    full_t = jnp.clip(start + block_n - 1 - q_offset, 0, q_len)    # sees the whole block
-    lo = (first_t * group_size) // block_m
-    unmasked = pl.cdiv(full_t * group_size, block_m)
+    first_t = clip_t(start - q_offset)                    # the first row that sees key `start`
+    full_t = clip_t(start + block_n - 1 - q_offset)       # ... that sees the block's last key
   else:
-    lo = unmasked = jnp.zeros((), jnp.int32)
+    first_t = full_t = jnp.zeros((), jnp.int32)
+  lo = (first_t * group_size) // block_m
+  hi = full_hi = jnp.full((), num_tiles, jnp.int32)
+  if window is not None:  # rows past these have the block's keys out of their window
+    hi = pl.cdiv(clip_t(start + block_n - 1 + window - q_offset) * group_size, block_m)
+    full_hi = (clip_t(start + window - q_offset) * group_size) // block_m
   lo = jnp.where(start < kv_len, lo, num_tiles)  # a block past the length: no row sees it
-  unmasked = jnp.where(start + block_n > kv_len, num_tiles, jnp.maximum(unmasked, lo))
+  hi = jnp.maximum(hi, lo)
+  full_lo = jnp.clip(pl.cdiv(full_t * group_size, block_m), lo, hi)
+  full_hi = jnp.clip(full_hi, full_lo, hi)
+  full_hi = jnp.where(start + block_n > kv_len, full_lo, full_hi)  # the block crosses the length
   qk_scale = scale * flash.LOG2_E
+  soft_cap2 = None if soft_cap is None else soft_cap * flash.LOG2_E
 
   def step(i, carry, masked):
     dk, dv = carry
@@ -133,22 +149,21 @@ def _dkdv_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_
     do = flash.load_rows(do_ref, t, g, valid, head_dim)
     lse2 = _safe_lse2(_load_row_values(lse_ref, t, g, valid, -jnp.inf))
     delta = _load_row_values(delta_ref, t, g, valid, 0.)
-    p = _probabilities(q, k, lse2, qk_scale=qk_scale)
+    p, th = _probabilities(q, k, lse2, qk_scale=qk_scale, soft_cap2=soft_cap2)
     if masked:
-      visible = key_valid[None, :]
-      if causal:
-        visible = visible & (key[None, :] <= (q_offset + t)[:, None])
+      visible = flash.visible(key, q_offset + t, kv_len, causal=causal, window=window)
       p = jnp.where(visible, p, 0.)
     dv = dv + flash._dot(p.astype(do.dtype).T, do)  # pylint: disable=protected-access
-    ds = p * (flash._dot(do, v.T) - delta[:, None])  # pylint: disable=protected-access
+    ds = _logit_grad(p, flash._dot(do, v.T), delta, th)  # pylint: disable=protected-access
     if masked:  # an invisible V slot may hold anything finite or not: keep it out of dS
       ds = jnp.where(visible, ds, 0.)
     dk = dk + flash._dot(ds.astype(q.dtype).T, q)  # pylint: disable=protected-access
     return dk, dv
 
   zeros = jnp.zeros((block_n, head_dim_p), jnp.float32)
-  carry = lax.fori_loop(lo, unmasked, functools.partial(step, masked=True), (zeros, zeros))
-  dk, dv = lax.fori_loop(unmasked, num_tiles, functools.partial(step, masked=False), carry)
+  carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), (zeros, zeros))
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+  dk, dv = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
   store_mask = (key < k_ref.shape[0])[:, None] & (d < head_dim)
   tc.store(dk_ref.at[pl.ds(start, block_n), :], (dk * scale).astype(dk_ref.dtype),
            mask=store_mask)
@@ -156,7 +171,8 @@ def _dkdv_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_
 
 
 def _dq_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dq_ref, *, scale, causal, block_m, block_n, head_dim, group_size, q_len):
+               dq_ref, *, scale, causal, block_m, block_n, head_dim, group_size, q_len, window,
+               soft_cap):
   """One (row tile, kv head, batch row); refs as in ``_dkdv_kernel``, dq ``[T, G, Hp]``."""
   tile = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal tiles first
   b = pl.program_id(2)
@@ -175,12 +191,10 @@ def _dq_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_re
 
   first_pos = q_offset + first_row // group_size
   last_pos = q_offset + (jnp.minimum(first_row + block_m, num_rows) - 1) // group_size
-  if causal:
-    full_keys = jnp.clip(jnp.minimum(kv_len, first_pos + 1), 0, None)
-    end_keys = jnp.clip(jnp.minimum(kv_len, last_pos + 1), 0, None)
-  else:
-    full_keys = end_keys = kv_len
+  lo, full_lo, full_hi, hi = flash.block_ranges(first_pos, last_pos, kv_len, block_n,
+                                                causal=causal, window=window)
   qk_scale = scale * flash.LOG2_E
+  soft_cap2 = None if soft_cap is None else soft_cap * flash.LOG2_E
 
   def step(i, dq, masked):
     start = i * block_n
@@ -188,27 +202,26 @@ def _dq_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_re
     mask = (key < kv_len)[:, None] & (d < head_dim)
     k = tc.load(k_ref.at[pl.ds(start, block_n), :], mask=mask, other=0.)
     v = tc.load(v_ref.at[pl.ds(start, block_n), :], mask=mask, other=0.)
-    p = _probabilities(q, k, lse2, qk_scale=qk_scale)
+    p, th = _probabilities(q, k, lse2, qk_scale=qk_scale, soft_cap2=soft_cap2)
     if masked:
-      visible = key[None, :] < kv_len
-      if causal:
-        visible = visible & (key[None, :] <= row_pos[:, None])
+      visible = flash.visible(key, row_pos, kv_len, causal=causal, window=window)
       p = jnp.where(visible, p, 0.)
-    ds = p * (flash._dot(do, v.T) - delta[:, None])  # pylint: disable=protected-access
+    ds = _logit_grad(p, flash._dot(do, v.T), delta, th)  # pylint: disable=protected-access
     if masked:
       ds = jnp.where(visible, ds, 0.)
     return dq + flash._dot(ds.astype(k.dtype), k)  # pylint: disable=protected-access
 
   dq = jnp.zeros((block_m, head_dim_p), jnp.float32)
-  dq = lax.fori_loop(0, full_keys // block_n, functools.partial(step, masked=False), dq)
-  dq = lax.fori_loop(full_keys // block_n, pl.cdiv(end_keys, block_n),
-                     functools.partial(step, masked=True), dq)
+  dq = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), dq)
+  dq = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), dq)
+  dq = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), dq)
   flash.store_rows(dq_ref, dq * scale, t, g, valid, head_dim)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "interpret", "config"))
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "interpret", "config",
+                                             "sliding_window", "logits_soft_cap"))
 def prefill_attention_bwd(q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, *, causal,
-                          scale, interpret, config):
+                          scale, interpret, config, sliding_window=None, logits_soft_cap=None):
   """``(dq, dk, dv)`` of the prefill on validated inputs (lengths in ``[0, S]``, B, T, S > 0).
 
   ``lse`` is the forward's ``float32[B, T, N]``; ``d_lse`` its cotangent or ``None``.
@@ -226,7 +239,7 @@ def prefill_attention_bwd(q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse,
   do5 = d_out.astype(q.dtype).reshape(b, t, kh, g, h)
   lse4, delta4 = lse.reshape(b, t, kh, g), delta.reshape(b, t, kh, g)
   kw = dict(scale=scale, causal=causal, block_m=block_m, block_n=block_n, head_dim=h,
-            group_size=g, q_len=t)
+            group_size=g, q_len=t, window=sliding_window, soft_cap=logits_soft_cap)
   rows_spec = pl.BlockSpec((b,), lambda *_: (0,))  # per-row scalars: the whole [B] vector
   q_spec = pl.BlockSpec((None, t, None, g, head_dim_p), lambda i, kk, bb: (bb, 0, kk, 0, 0))
   kv_spec = pl.BlockSpec((None, s, None, head_dim_p), lambda i, kk, bb: (bb, 0, kk, 0))

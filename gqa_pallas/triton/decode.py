@@ -158,7 +158,7 @@ def warps_for(block_m: int, num_warps: int, config: DecodeConfig) -> int:
 
 def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
                    block_m, block_k, num_splits, head_dim, group_size, q_len, direct,
-                   offset_from_lengths):
+                   offset_from_lengths, window, soft_cap):
   """One (split, row tile, kv head, batch row).
 
   Refs: q ``[T, G, Hp]``; k/v ``[S_max, Hp]`` of this (b, kv head). With ``direct`` (one split)
@@ -177,20 +177,21 @@ def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_re
   t, g, valid = flash.tile_rows(first_row, block_m, group_size, q_len * group_size)
   q = flash.load_rows(q_ref, t, g, valid, head_dim)
 
-  # The row's visible keys [0, end) are divided over the splits in whole blocks, as evenly as
-  # blocks allow (split i takes blocks [i*n/splits, (i+1)*n/splits)); this split takes [lo, hi).
-  # Keys below q_offset + 1 are visible to every query; only the last T keys need the causal mask.
-  end = jnp.maximum(jnp.minimum(kv_len, q_offset + q_len), 0)
-  n_blocks = pl.cdiv(end, block_k)
-  block_lo = split * n_blocks // num_splits
-  block_hi = (split + 1) * n_blocks // num_splits
-  lo = block_lo * block_k
-  hi = jnp.minimum(block_hi * block_k, end)
-  full_hi = jnp.minimum(hi, q_offset + 1)
+  # The tile's visible key blocks [lo, hi) (the window's start, if any, to the last query's
+  # diagonal or the length) are divided over the splits in whole blocks, as evenly as blocks
+  # allow (split i takes blocks lo + [i*n/splits, (i+1)*n/splits)). Keys every query sees need
+  # no mask; only the window's first and the last T keys do.
+  first_pos = q_offset + first_row // group_size
+  last_pos = q_offset + (jnp.minimum(first_row + block_m, q_len * group_size) - 1) // group_size
+  ranges = functools.partial(flash.block_ranges, first_pos, last_pos, kv_len, block_k,
+                             causal=True, window=window)
+  lo, _, _, hi = ranges()
+  n_blocks = hi - lo
+  blocks = ranges(lo_block=lo + split * n_blocks // num_splits,
+                  hi_block=lo + (split + 1) * n_blocks // num_splits)
   acc, m, l = flash.attend(
-      q, k_ref, v_ref, q_offset + t, kv_len, block_lo=block_lo,
-      n_full=jnp.maximum(full_hi - lo, 0) // block_k, n_end=block_hi - block_lo,
-      block_k=block_k, qk_scale=scale * flash.LOG2_E, head_dim=head_dim)
+      q, k_ref, v_ref, q_offset + t, kv_len, blocks=blocks, block_k=block_k,
+      qk_scale=scale * flash.LOG2_E, head_dim=head_dim, window=window, soft_cap=soft_cap)
   out, lse2 = flash.finalize(acc, m, l)
   if direct:
     flash.store_rows(o_ref, out, t, g, valid, head_dim)
@@ -229,9 +230,10 @@ def _combine_kernel(o_part_ref, lse_part_ref, o_ref, lse_ref, *, num_splits, blo
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "return_lse", "interpret", "config",
-                                             "offset_from_lengths"))
+                                             "offset_from_lengths", "sliding_window",
+                                             "logits_soft_cap"))
 def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, config,
-                 offset_from_lengths):
+                 offset_from_lengths, sliding_window, logits_soft_cap):
   b, t, n, h = q.shape
   s_max, kh = k.shape[1], k.shape[2]
   g = n // kh
@@ -239,7 +241,9 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
   head_dim_p = flash.padded_head_dim(h)
   block_m = tile_rows_for(t, g, config)
   row_tiles = pl.cdiv(rows, block_m)
-  splits = choose_splits(b * kh * row_tiles, s_max, config, tile_rows=min(rows, block_m),
+  # A window bounds the keys a row reads: the splits are planned for what is read.
+  visible_max = s_max if sliding_window is None else min(s_max, sliding_window + t - 1)
+  splits = choose_splits(b * kh * row_tiles, visible_max, config, tile_rows=min(rows, block_m),
                          itemsize=jnp.dtype(k.dtype).itemsize)
   direct = splits == 1
   block_k = config.single_split_block_k if direct else config.block_k
@@ -271,7 +275,8 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
     ]
   outs = pl.pallas_call(
       functools.partial(_decode_kernel, scale=scale, block_k=block_k, num_splits=splits,
-                        direct=direct, offset_from_lengths=offset_from_lengths, **params),
+                        direct=direct, offset_from_lengths=offset_from_lengths,
+                        window=sliding_window, soft_cap=logits_soft_cap, **params),
       grid=grid, in_specs=[rows_spec, rows_spec, q_spec, kv_spec, kv_spec],
       out_specs=out_specs, out_shape=out_shape,
       compiler_params=tc.compiler_params(num_warps, config.num_stages),
@@ -303,7 +308,7 @@ def _decode_call(q, k, v, q_offset, lengths, *, scale, return_lse, interpret, co
 
 
 def decode_attention(q, k, v, q_offset, lengths, *, scale, return_lse, interpret,
-                     config: DecodeConfig):
+                     config: DecodeConfig, sliding_window=None, logits_soft_cap=None):
   """Runs the kernel on validated inputs (see ``gqa_pallas.gqa_decode`` for semantics).
 
   q ``[B, T, N, H]``; k/v the cache ``[B, S_max, K, H]``; lengths ``int32[B]``; q_offset
@@ -314,4 +319,5 @@ def decode_attention(q, k, v, q_offset, lengths, *, scale, return_lse, interpret
   offset_from_lengths = q_offset is None
   return _decode_call(q, k, v, lengths if offset_from_lengths else q_offset, lengths,
                       scale=float(scale), return_lse=return_lse, interpret=interpret,
-                      config=config, offset_from_lengths=offset_from_lengths)
+                      config=config, offset_from_lengths=offset_from_lengths,
+                      sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)

@@ -105,18 +105,66 @@ def _dot(a, b):
   return tc.dot(a, b, precision=precision)
 
 
-def attend(q, k_ref, v_ref, row_pos, kv_len, *, block_lo, n_full, n_end, block_k: int,
-           qk_scale: float, head_dim: int, causal: bool = True):
-  """Online softmax of ``q [M, Hp]`` over key blocks ``[block_lo, block_lo + n_end)``.
+def scores(q, k, *, qk_scale: float, soft_cap2: float | None):
+  """Base-2 logits ``[M, N]`` of ``q [M, Hp]`` and ``k [N, Hp]``: ``scale * log2(e) * q k^T``,
+  soft-capped (``soft_cap2`` is the cap times ``log2(e)``, so the cap applies in natural units).
+  Also returns ``tanh`` of the capped argument (``None`` without a cap) for the backward."""
+  s = _dot(q, k.T) * qk_scale
+  if soft_cap2 is None:
+    return s, None
+  th = jnp.tanh(s / soft_cap2)
+  return soft_cap2 * th, th
 
-  Blocks ``[block_lo, block_lo + n_full)`` must be visible to every row (no mask is applied);
-  the rest are masked by ``key < kv_len`` and, when causal, ``key <= row_pos``. Masked slots are
-  loaded as 0, so garbage (NaN) past ``kv_len`` never enters. Returns ``(acc, m, l)`` in float32,
-  ``m`` in the log2 domain (``-inf`` for rows that saw no key).
+
+def visible(key, row_pos, kv_len, *, causal: bool, window: int | None):
+  """``[M, N]`` visibility of keys ``key [N]`` to rows at positions ``row_pos [M]``."""
+  vis = key[None, :] < kv_len
+  if causal:
+    vis = vis & (key[None, :] <= row_pos[:, None])
+  if window is not None:
+    vis = vis & (key[None, :] > row_pos[:, None] - window)
+  return vis
+
+
+def block_ranges(first_pos, last_pos, kv_len, block_k: int, *, causal: bool,
+                 window: int | None, lo_block=None, hi_block=None):
+  """``(lo, full_lo, full_hi, hi)`` key blocks of rows at positions ``[first_pos, last_pos]``:
+  blocks ``[lo, hi)`` hold a key some row sees, ``[full_lo, full_hi)`` keys every row sees
+  (no mask). ``lo_block`` / ``hi_block`` clip the range (a split of it)."""
+  if causal:
+    end = jnp.clip(jnp.minimum(kv_len, last_pos + 1), 0, None)
+    full_end = jnp.clip(jnp.minimum(kv_len, first_pos + 1), 0, None)
+  else:
+    end = full_end = jnp.clip(kv_len, 0, None)
+  if window is not None:
+    start = jnp.clip(first_pos - window + 1, 0, None)
+    full_start = jnp.clip(last_pos - window + 1, 0, None)
+  else:
+    start = full_start = jnp.zeros_like(end)
+  lo, hi = start // block_k, pl.cdiv(end, block_k)
+  if lo_block is not None:
+    lo, hi = jnp.maximum(lo, lo_block), jnp.minimum(hi, hi_block)
+  hi = jnp.maximum(hi, lo)
+  full_lo = jnp.clip(pl.cdiv(full_start, block_k), lo, hi)
+  full_hi = jnp.clip(full_end // block_k, full_lo, hi)
+  return lo, full_lo, full_hi, hi
+
+
+def attend(q, k_ref, v_ref, row_pos, kv_len, *, blocks, block_k: int, qk_scale: float,
+           head_dim: int, causal: bool = True, window: int | None = None,
+           soft_cap: float | None = None):
+  """Online softmax of ``q [M, Hp]`` over the key blocks ``blocks = (lo, full_lo, full_hi,
+  hi)`` of ``block_ranges``.
+
+  Blocks ``[full_lo, full_hi)`` must be visible to every row (no mask is applied); the others
+  are masked by ``visible``. Masked slots are loaded as 0 past ``kv_len``, so garbage (NaN)
+  there never enters. Returns ``(acc, m, l)`` in float32, ``m`` in the log2 domain (``-inf``
+  for rows that saw no key).
   """
   block_m, head_dim_p = q.shape
   d = lax.broadcasted_iota(jnp.int32, (1, head_dim_p), 1)
   head_mask = d < head_dim if head_dim != head_dim_p else None
+  soft_cap2 = None if soft_cap is None else soft_cap * LOG2_E
 
   def step(i, carry, masked):
     acc, m_prev, l_prev = carry
@@ -128,12 +176,9 @@ def attend(q, k_ref, v_ref, row_pos, kv_len, *, block_lo, n_full, n_end, block_k
     other = None if mask is None else 0.
     k = tc.load(k_ref.at[pl.ds(start, block_k), :], mask=mask, other=other)
     v = tc.load(v_ref.at[pl.ds(start, block_k), :], mask=mask, other=other)
-    s = _dot(q, k.T) * qk_scale
+    s, _ = scores(q, k, qk_scale=qk_scale, soft_cap2=soft_cap2)
     if masked:
-      visible = key[None, :] < kv_len
-      if causal:
-        visible = visible & (key[None, :] <= row_pos[:, None])
-      s = jnp.where(visible, s, -jnp.inf)
+      s = jnp.where(visible(key, row_pos, kv_len, causal=causal, window=window), s, -jnp.inf)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     # A row that has seen no visible key keeps m == -inf: shift by 0 there so that
     # exp2(-inf - -inf) never makes a NaN. Unmasked blocks always hold a visible key.
@@ -144,12 +189,13 @@ def attend(q, k_ref, v_ref, row_pos, kv_len, *, block_lo, n_full, n_end, block_k
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_next, l_next
 
+  lo, full_lo, full_hi, hi = blocks
   carry = (jnp.zeros((block_m, head_dim_p), jnp.float32),
            jnp.full((block_m,), -jnp.inf, jnp.float32),
            jnp.zeros((block_m,), jnp.float32))
-  carry = lax.fori_loop(block_lo, block_lo + n_full, functools.partial(step, masked=False), carry)
-  return lax.fori_loop(block_lo + n_full, block_lo + n_end, functools.partial(step, masked=True),
-                       carry)
+  carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+  return lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
 
 
 def finalize(acc, m, l):

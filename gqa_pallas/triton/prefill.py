@@ -7,9 +7,11 @@ flattened (position, group head) axis ``f = t * G + g`` (see ``flash``): the ``G
 the group share the tile, so every K/V tile streamed from HBM serves the whole group at once, and
 no row is padding whatever ``G`` is. K/V are never repeated.
 
-The KV loop runs in two phases: blocks that every row of the tile sees in full (no mask, no NaN
-guard) and then the boundary blocks that cross the causal diagonal or ``kv_lengths[b]`` (masked).
-Blocks past the last visible key are never visited. Softmax runs in float32 in the base-2 domain.
+The KV loop visits only the key blocks some row of the tile sees (``flash.block_ranges``: from
+the start of the first row's window, if any, to the last row's diagonal or ``kv_lengths[b]``);
+blocks every row sees in full run without mask or NaN guard, the boundary blocks (the window's
+start, the diagonal, the length) masked. Softmax runs in float32 in the base-2 domain, on the
+soft-capped logits when ``logits_soft_cap`` is set.
 """
 from __future__ import annotations
 
@@ -70,7 +72,8 @@ def default_config(head_dim: int, dtype, device_kind: str) -> PrefillConfig:
 
 
 def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *lse_refs,
-                    scale, causal, block_m, block_k, head_dim, group_size, q_len):
+                    scale, causal, block_m, block_k, head_dim, group_size, q_len, window,
+                    soft_cap):
   """One (row tile, kv head, batch row).
 
   Refs: q and o ``[T, G, Hp]`` of this (b, kv head); k/v ``[S, Hp]``; lse ``[T, G]``. The tile
@@ -85,18 +88,14 @@ def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *l
   t, g, valid = flash.tile_rows(first_row, block_m, group_size, num_rows)
   q = flash.load_rows(q_ref, t, g, valid, head_dim)
 
-  # Keys [0, full_keys) are visible to every row of the tile; [full_keys, end_keys) need the mask.
+  # Positions grow with the row, so the first and last rows bound the tile's key blocks.
   first_pos = q_offset + first_row // group_size
   last_pos = q_offset + (jnp.minimum(first_row + block_m, num_rows) - 1) // group_size
-  if causal:
-    full_keys = jnp.clip(jnp.minimum(kv_len, first_pos + 1), 0, None)
-    end_keys = jnp.clip(jnp.minimum(kv_len, last_pos + 1), 0, None)
-  else:
-    full_keys = end_keys = kv_len
+  blocks = flash.block_ranges(first_pos, last_pos, kv_len, block_k, causal=causal, window=window)
   acc, m, l = flash.attend(
-      q, k_ref, v_ref, q_offset + t, kv_len, block_lo=0, n_full=full_keys // block_k,
-      n_end=pl.cdiv(end_keys, block_k), block_k=block_k, qk_scale=scale * flash.LOG2_E,
-      head_dim=head_dim, causal=causal)
+      q, k_ref, v_ref, q_offset + t, kv_len, blocks=blocks, block_k=block_k,
+      qk_scale=scale * flash.LOG2_E, head_dim=head_dim, causal=causal, window=window,
+      soft_cap=soft_cap)
   out, lse2 = flash.finalize(acc, m, l)
   flash.store_rows(o_ref, out, t, g, valid, head_dim)
   if lse_refs:
@@ -104,9 +103,9 @@ def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *l
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "scale", "return_lse", "interpret",
-                                             "config"))
+                                             "config", "sliding_window", "logits_soft_cap"))
 def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret,
-                      config):
+                      config, sliding_window=None, logits_soft_cap=None):
   """Runs the kernel on validated inputs (see ``gqa_pallas.gqa_attention`` for semantics).
 
   ``q_offset``/``kv_lengths`` are ``int32[B]``, defaults resolved and lengths in ``[0, S]``;
@@ -125,7 +124,7 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
   q5 = q.reshape(b, t, kh, g, h)  # free: the group's heads are adjacent in memory
   kernel = functools.partial(
       _prefill_kernel, scale=scale, causal=causal, block_m=block_m, block_k=block_k,
-      head_dim=h, group_size=g, q_len=t)
+      head_dim=h, group_size=g, q_len=t, window=sliding_window, soft_cap=logits_soft_cap)
   qo_spec = pl.BlockSpec((None, t, None, g, head_dim_p), lambda i, kk, bb: (bb, 0, kk, 0, 0))
   kv_spec = pl.BlockSpec((None, s, None, head_dim_p), lambda i, kk, bb: (bb, 0, kk, 0))
   rows_spec = pl.BlockSpec((b,), lambda *_: (0,))  # per-row scalars: the whole [B] vector
