@@ -73,6 +73,9 @@ class GQAAttention(nn.Module):
     scale: logit scale; None: ``1/sqrt(head_dim)``.
     implementation: ``"triton"``, ``"xla"`` or None (fastest available), passed to the kernels.
     interpret: run the Pallas kernels in interpret mode (CPU tests).
+    sliding_window: each query sees itself and the ``sliding_window - 1`` keys before it (needs
+      causal attention: ``is_causal`` or a cache); None: no window.
+    logits_soft_cap: scaled logits become ``cap * tanh(logits / cap)`` (Gemma 2); None: off.
 
   ``__call__(inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None, mask=None,
   deterministic=None, dropout_rng=None, sow_weights=False, positions=None, cache=None,
@@ -111,6 +114,8 @@ class GQAAttention(nn.Module):
   scale: float | None = None
   implementation: str | None = None
   interpret: bool = False
+  sliding_window: int | None = None
+  logits_soft_cap: float | None = None
 
   @nn.compact
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None, mask=None,
@@ -206,7 +211,8 @@ class GQAAttention(nn.Module):
         broadcast_dropout=self.broadcast_dropout, deterministic=m_deterministic,
         precision=self.precision, sow_fn=core.sow_fn_for(self) if sow_weights else None,
         custom_attention_fn=custom, custom_accepts_is_causal=accepts_causal,
-        implementation=self.implementation, interpret=self.interpret)
+        implementation=self.implementation, interpret=self.interpret,
+        sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap)
 
     if collection is not None:
       cached_key, cached_value, cache_index = collection
@@ -233,7 +239,8 @@ class GQAAttentionNNX(nnx.Module):
   Constructor as ``nnx.MultiHeadAttention`` (``num_heads, in_features, qkv_features=None,
   out_features=None, num_kv_heads=None, in_kv_features=None, *, dtype, param_dtype, ...,
   decode=None, rngs``) plus ``head_dim``, ``use_out_bias``, ``rope_theta``, ``is_causal``,
-  ``scale``, ``implementation``, ``interpret``. ``attention_fn=None`` (default) routes to the
+  ``scale``, ``implementation``, ``interpret``, ``sliding_window``, ``logits_soft_cap``.
+  ``attention_fn=None`` (default) routes to the
   ``gqa_pallas`` kernels; a Flax NNX ``attention_fn`` is called with every keyword NNX passes.
 
   Cache: ``init_cache(input_shape, dtype)`` allocates ``nnx.Cache`` variables ``cached_key``/
@@ -254,6 +261,7 @@ class GQAAttentionNNX(nnx.Module):
                normalize_qk: bool = False, rope_theta: float | None = None,
                is_causal: bool = False, scale: float | None = None,
                implementation: str | None = None, interpret: bool = False,
+               sliding_window: int | None = None, logits_soft_cap: float | None = None,
                qkv_dot_general=None, out_dot_general=None, qkv_dot_general_cls=None,
                out_dot_general_cls=None, rngs: nnx.Rngs, keep_rngs: bool = True):
     self.num_heads = num_heads
@@ -279,6 +287,8 @@ class GQAAttentionNNX(nnx.Module):
     self.scale = scale
     self.implementation = implementation
     self.interpret = interpret
+    self.sliding_window = sliding_window
+    self.logits_soft_cap = logits_soft_cap
 
     linear = functools.partial(
         nnx.LinearGeneral, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
@@ -378,7 +388,8 @@ class GQAAttentionNNX(nnx.Module):
         deterministic=deterministic, precision=self.precision,
         sow_fn=core.sow_fn_for(self) if sow_weights else None, custom_attention_fn=custom,
         custom_accepts_is_causal=True, implementation=self.implementation,
-        interpret=self.interpret)
+        interpret=self.interpret, sliding_window=self.sliding_window,
+        logits_soft_cap=self.logits_soft_cap)
 
     if use_collection:
       self.cached_key[...] = new_cache.k

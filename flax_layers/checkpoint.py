@@ -57,8 +57,7 @@ def _refuse(path, msg: str):
 
 
 def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_layers=False,
-                   allow_sliding_window: bool = False, source: str = "config.json",
-                   tensor_names=None) -> DecoderConfig:
+                   source: str = "config.json", tensor_names=None) -> DecoderConfig:
   """Builds a ``DecoderConfig`` from a HF ``config.json`` dict, refusing what is not supported.
 
   Args:
@@ -66,9 +65,6 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
     dtype, param_dtype: compute and parameter dtypes; default: the checkpoint's ``dtype``
       (``torch_dtype`` in older files) when it is float32/bfloat16/float16, else float32.
     scan_layers: see ``DecoderConfig``.
-    allow_sliding_window: accept a sliding-window model (Mistral v0.1, Qwen2 with
-      ``use_sliding_window``). Sequences are then limited to the window, where it changes nothing;
-      without this flag such a model is refused.
     source: a name for error messages.
     tensor_names: the checkpoint's tensor names, used to infer ``tie_word_embeddings`` when the
       config does not say.
@@ -111,22 +107,29 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
   if partial not in (None, 1, 1.0):
     _refuse(source, f"partial_rotary_factor={partial} is not supported.")
 
-  # Sliding windows.
+  # Sliding windows: one window for every layer (per-layer mixes are not representable yet).
   window = None
   layer_types = hf.get("layer_types")
-  if layer_types and any(t != "full_attention" for t in layer_types):
-    other = sorted(set(layer_types) - {"full_attention"})
-    if set(other) != {"sliding_attention"}:
-      _refuse(source, f"layer types {other} are not supported.")
-    window = hf.get("sliding_window")
-  elif family == "qwen2" and hf.get("use_sliding_window"):
-    window = hf.get("sliding_window")
+  if not layer_types and family == "qwen2" and hf.get("use_sliding_window"):
+    # Qwen2 slides from layer max_window_layers on (transformers' own rule).
+    first = hf.get("max_window_layers", 0) or 0
+    layer_types = ["full_attention" if i < first else "sliding_attention"
+                   for i in range(hf.get("num_hidden_layers", 0))]
+  if layer_types:
+    kinds = set(layer_types)
+    if not kinds <= {"full_attention", "sliding_attention"}:
+      _refuse(source, f"layer types {sorted(kinds - {'full_attention', 'sliding_attention'})} "
+              "are not supported.")
+    if kinds == {"full_attention", "sliding_attention"}:
+      _refuse(source, "layers mixing sliding-window and full attention (layer_types) are not "
+              "supported yet; every layer must use the same attention.")
+    if kinds == {"sliding_attention"}:
+      window = hf.get("sliding_window")
   elif family == "mistral":
     window = hf.get("sliding_window")
-  if window is not None and not allow_sliding_window:
-    _refuse(source, f"sliding-window attention (sliding_window={window}) is not supported by "
-            "the kernels yet. Pass allow_sliding_window=True to run the model on sequences no "
-            "longer than the window, where the window changes nothing.")
+  if window is not None and (isinstance(window, bool) or not isinstance(window, int) or
+                             window <= 0):
+    _refuse(source, f"sliding_window must be a positive int or null; got {window!r}.")
 
   num_heads = hf["num_attention_heads"]
   num_kv_heads = hf.get("num_key_value_heads") or num_heads
@@ -311,8 +314,8 @@ def convert_hf_tensors(config: DecoderConfig, tensors: Mapping[str, np.ndarray],
   return params
 
 
-def load_hf_checkpoint(path, *, dtype=None, param_dtype=None, scan_layers: bool = False,
-                       allow_sliding_window: bool = False) -> Tuple[DecoderConfig, Dict[str, Any]]:
+def load_hf_checkpoint(path, *, dtype=None, param_dtype=None, scan_layers: bool = False
+                       ) -> Tuple[DecoderConfig, Dict[str, Any]]:
   """Loads a HF Llama / Qwen2 / Mistral causal-LM directory.
 
   Args:
@@ -321,14 +324,13 @@ def load_hf_checkpoint(path, *, dtype=None, param_dtype=None, scan_layers: bool 
     dtype: compute dtype; default: the parameter dtype.
     param_dtype: parameter dtype; default: the checkpoint's (bfloat16 stays bfloat16).
     scan_layers: stack layer parameters for ``nn.scan`` instead of the default ``layers_{i}``.
-    allow_sliding_window: see ``config_from_hf``.
 
   Returns:
     ``(config, params)`` for ``Decoder(config).apply({"params": params}, tokens)``.
 
   Raises:
-    UnsupportedCheckpointError (a ValueError): another architecture, RoPE scaling, a sliding
-      window, a non-SiLU MLP, quantization. ValueError: missing, unexpected or misshapen tensors.
+    UnsupportedCheckpointError (a ValueError): another architecture, RoPE scaling, layers
+      mixing sliding-window and full attention, a non-SiLU MLP, quantization. ValueError: missing, unexpected or misshapen tensors.
     FileNotFoundError: no config.json or no safetensors files.
   """
   path = os.fspath(path)
@@ -339,7 +341,7 @@ def load_hf_checkpoint(path, *, dtype=None, param_dtype=None, scan_layers: bool 
     hf = json.load(f)
   tensors = read_checkpoint_tensors(path)
   config = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                          allow_sliding_window=allow_sliding_window, source=cfg_path,
+                          source=cfg_path,
                           tensor_names=set(tensors))
   params = convert_hf_tensors(config, tensors, source=path)
   del tensors

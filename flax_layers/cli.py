@@ -177,8 +177,7 @@ def cmd_generate(args) -> int:
     from flax_layers.checkpoint import generation_defaults, load_hf_checkpoint  # pylint: disable=g-import-not-at-top
     t0 = time.perf_counter()
     config, params = load_hf_checkpoint(args.checkpoint, dtype=args.dtype,
-                                        param_dtype=args.dtype,
-                                        allow_sliding_window=args.allow_sliding_window)
+                                        param_dtype=args.dtype)
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.2f} s: {config}",
           file=sys.stderr)
     tokenizer = _load_tokenizer(args.checkpoint)
@@ -279,8 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")
   g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                  help="compute/parameter dtype (default: the checkpoint's)")
-  g.add_argument("--allow-sliding-window", action="store_true",
-                 help="run a sliding-window model on sequences no longer than its window")
   g.add_argument("--no-warmup", action="store_true",
                  help="time one call, compilation included (default: time a second call)")
   g.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -164,7 +164,7 @@ def _flatten_bcast(m, batch_shape, trailing: int):
 def masked_attention(q, k, v, *, mask=None, bias=None, scale=None, kv_lengths=None,
                      dropout_rng=None, dropout_rate: float = 0.0, broadcast_dropout: bool = True,
                      deterministic: bool = True, precision=None,
-                     sow_fn: Callable[[Array], Any] | None = None):
+                     sow_fn: Callable[[Array], Any] | None = None, logits_soft_cap=None):
   """GQA attention in plain XLA, for everything the kernels do not take.
 
   Args:
@@ -179,6 +179,7 @@ def masked_attention(q, k, v, *, mask=None, bias=None, scale=None, kv_lengths=No
       ``[B, N, T, S]``), so the same key gives the same mask as ``nn.dot_product_attention``.
     precision: einsum precision.
     sow_fn: called with the attention weights ``[B, N, T, S]`` (in q's dtype) before dropout.
+    logits_soft_cap: scaled logits become ``cap * tanh(logits / cap)`` (before the bias).
 
   Returns:
     ``[B, T, N, H]`` in q's dtype. Softmax and accumulation in float32 (or float64 for float64
@@ -204,6 +205,7 @@ def masked_attention(q, k, v, *, mask=None, bias=None, scale=None, kv_lengths=No
   qg = q.astype(cdt).reshape(b, t, kh, g, h)
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(cdt), precision=precision)
   logits = logits.reshape(b, n, t, s) * jnp.asarray(scale, cdt)
+  logits = reference.soft_cap(logits, logits_soft_cap)
   if bias is not None:
     logits = logits + jnp.asarray(bias).astype(cdt)
   p, denom, _ = reference.softmax_parts(logits, visible)
@@ -274,7 +276,8 @@ def attend(query, key, value, *, cache: KVCache | None = None, positions=None, n
            scale: float | None = None, dropout_rng=None, dropout_rate: float = 0.0,
            broadcast_dropout: bool = True, deterministic: bool = True, precision=None,
            sow_fn=None, custom_attention_fn=None, custom_accepts_is_causal: bool = False,
-           implementation=None, interpret: bool = False):
+           implementation=None, interpret: bool = False, sliding_window=None,
+           logits_soft_cap=None):
   """One attention step on projected heads.
 
   Args:
@@ -301,6 +304,8 @@ def attend(query, key, value, *, cache: KVCache | None = None, positions=None, n
       when ``custom_accepts_is_causal``, else the full visibility mask and ``is_causal=False``.
     custom_accepts_is_causal: whether ``custom_attention_fn`` honours ``is_causal``.
     implementation, interpret: passed to ``gqa_attention`` / ``gqa_decode``.
+    sliding_window, logits_soft_cap: as in ``gqa_attention`` (a window needs causal attention:
+      ``is_causal`` or a cache).
 
   Returns:
     ``(out [B, T, N, H] in query's dtype, new_cache or None)``.
@@ -335,6 +340,9 @@ def attend(query, key, value, *, cache: KVCache | None = None, positions=None, n
 
   dropping = dropout_rate > 0.0 and not deterministic
   out_dtype = query.dtype
+  sliding_window, logits_soft_cap = validation.check_window_and_cap(
+      sliding_window, logits_soft_cap, causal=is_causal or cache is not None)
+  features = dict(sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
   if cache is not None:
     old_lengths = cache.lengths
     new_cache = cache.append(key, value, num_new, implementation=implementation,
@@ -350,14 +358,15 @@ def attend(query, key, value, *, cache: KVCache | None = None, positions=None, n
 
   s = keys.shape[1]
   if custom_attention_fn is not None and cache is None and mask is None and (
-      not causal or (t == s and custom_accepts_is_causal)):
+      not causal or (t == s and custom_accepts_is_causal)) and sliding_window is None and (
+          logits_soft_cap is None):
     out = custom_attention_fn(query, keys, values, mask=None, is_causal=causal)
     return out.astype(out_dtype), new_cache
 
   fast = (custom_attention_fn is None and mask is None and not dropping and sow_fn is None and
           kernel_dtype_ok(query, keys, values))
   if fast:
-    common = dict(scale=scale, implementation=implementation, interpret=interpret)
+    common = dict(scale=scale, implementation=implementation, interpret=interpret, **features)
     if cache is None:
       out = gqa_api.gqa_attention(query, keys, values, causal=causal, **common)
     elif t <= DECODE_MAX_NEW_TOKENS:
@@ -374,12 +383,16 @@ def attend(query, key, value, *, cache: KVCache | None = None, positions=None, n
       q_offset = jnp.full((b,), s - t, jnp.int32)
     if kv_lengths is None:
       kv_lengths = jnp.full((b,), s, jnp.int32)
-    visible = reference.visibility_mask(t, s, q_offset, kv_lengths, causal)[:, None]
+    visible = reference.visibility_mask(t, s, q_offset, kv_lengths, causal,
+                                        sliding_window)[:, None]
   if mask is not None:
     mask = jnp.asarray(mask)
     mask = mask if mask.dtype == jnp.bool_ else mask != 0
     visible = mask if visible is None else (visible & mask)
   if custom_attention_fn is not None:
+    if logits_soft_cap is not None:
+      raise ValueError("logits_soft_cap cannot be applied around a custom attention_fn (it sees "
+                       "q, k, v, not the logits); apply the cap inside that function.")
     if visible is not None:
       visible = jnp.broadcast_to(visible, (b,) + visible.shape[1:])
     out = custom_attention_fn(query, keys, values, mask=visible, is_causal=False)
@@ -388,7 +401,7 @@ def attend(query, key, value, *, cache: KVCache | None = None, positions=None, n
                            kv_lengths=None if cache is None else kv_lengths,
                            dropout_rng=dropout_rng, dropout_rate=dropout_rate,
                            broadcast_dropout=broadcast_dropout, deterministic=not dropping,
-                           precision=precision, sow_fn=sow_fn)
+                           precision=precision, sow_fn=sow_fn, logits_soft_cap=logits_soft_cap)
   return out.astype(out_dtype), new_cache
 
 

@@ -68,8 +68,9 @@ class DecoderConfig:
     attention_out_bias: bias on the output projection (Llama ``attention_bias=True``; not Qwen2).
     mlp_bias: biases on the MLP projections (Llama ``mlp_bias``).
     max_position_embeddings: longest sequence (prompt + generated) the model accepts.
-    sliding_window: informational; a model with a window is only run on sequences no longer than
-      it (where the window changes nothing), until the kernels support sliding windows.
+    sliding_window: every layer's attention window (a query sees itself and the
+      ``sliding_window - 1`` tokens before it; Mistral, Qwen2 ``use_sliding_window``); None: none.
+    logits_soft_cap: attention logit soft-cap (``cap * tanh(s / cap)``); None: off.
     dtype: compute dtype name; param_dtype: parameter dtype name.
     scan_layers: stack the layers with ``nn.scan`` instead of the default explicit loop.
   """
@@ -88,6 +89,7 @@ class DecoderConfig:
   mlp_bias: bool = False
   max_position_embeddings: int = 2048
   sliding_window: Optional[int] = None
+  logits_soft_cap: Optional[float] = None
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = False
@@ -110,8 +112,17 @@ class DecoderConfig:
     if not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
       raise ValueError(f"head_dim must be a positive even int (RoPE); got {head_dim!r}.")
     object.__setattr__(self, "head_dim", head_dim)
-    if self.sliding_window is not None and self.sliding_window <= 0:
-      raise ValueError(f"sliding_window must be positive or None; got {self.sliding_window!r}.")
+    if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or isinstance(
+        self.sliding_window, bool) or self.sliding_window <= 0):
+      raise ValueError(f"DecoderConfig.sliding_window must be a positive int or None; got "
+                       f"{self.sliding_window!r}.")
+    if self.logits_soft_cap is not None:
+      if isinstance(self.logits_soft_cap, bool) or not isinstance(self.logits_soft_cap,
+                                                                  (int, float)) or not (
+                                                                      self.logits_soft_cap > 0):
+        raise ValueError(f"DecoderConfig.logits_soft_cap must be a positive float or None; got "
+                         f"{self.logits_soft_cap!r}.")
+      object.__setattr__(self, "logits_soft_cap", float(self.logits_soft_cap))
     object.__setattr__(self, "rope_theta", float(self.rope_theta))
     object.__setattr__(self, "rms_norm_eps", float(self.rms_norm_eps))
     object.__setattr__(self, "dtype", _dtype_name(self.dtype))
@@ -127,21 +138,14 @@ class DecoderConfig:
 
   @property
   def max_sequence_length(self) -> int:
-    """Longest sequence the model runs exactly: max positions, capped by the sliding window."""
-    if self.sliding_window is None:
-      return self.max_position_embeddings
-    return min(self.max_position_embeddings, self.sliding_window)
+    """Longest sequence the model runs: ``max_position_embeddings`` (a window does not cap it)."""
+    return self.max_position_embeddings
 
   def replace(self, **changes) -> "DecoderConfig":
     return dataclasses.replace(self, **changes)
 
   def check_sequence_length(self, length: int, what: str = "sequence") -> None:
     """Refuses lengths the model cannot run exactly (a ``ValueError`` that says why)."""
-    if self.sliding_window is not None and length > self.sliding_window:
-      raise ValueError(
-          f"{what} length {length} exceeds the sliding window ({self.sliding_window}). "
-          "Sliding-window attention is not supported by the kernels yet; the model runs exactly "
-          "only on sequences no longer than its window.")
     if length > self.max_position_embeddings:
       raise ValueError(f"{what} length {length} exceeds max_position_embeddings "
                        f"({self.max_position_embeddings}).")
@@ -198,7 +202,8 @@ class DecoderBlock(nn.Module):
         use_bias=cfg.attention_bias, use_out_bias=cfg.attention_out_bias,
         rope_theta=cfg.rope_theta, is_causal=True, dtype=cfg.compute_dtype,
         param_dtype=cfg.params_dtype, precision=self.precision, kernel_init=_INIT,
-        implementation=self.implementation, interpret=self.interpret, name="attn")
+        implementation=self.implementation, interpret=self.interpret,
+        sliding_window=cfg.sliding_window, logits_soft_cap=cfg.logits_soft_cap, name="attn")
     h = norm(name="input_norm")(x)
     if cache is None:
       a, new_cache = attn(h, positions=positions), None

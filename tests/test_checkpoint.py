@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_layers import UnsupportedCheckpointError, generate, load_hf_checkpoint, stack_layer_params
+from flax_layers import (Decoder, UnsupportedCheckpointError, generate, load_hf_checkpoint,
+                         stack_layer_params)
 from tests.decoder_fixtures import hf_config, hf_tensors, ragged_prompts, write_checkpoint
 
 
@@ -51,14 +52,15 @@ def test_load_round_trip_sharded_and_bf16(tiny, tmp_path):
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "llama3"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "linear"),
     (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=4096),
-     "sliding"),
     (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True,
-          sliding_window=32), "sliding"),
-    (dict(layer_types=["full_attention", "sliding_attention"], sliding_window=16), "sliding"),
+          sliding_window=32, max_window_layers=1), "mixing sliding-window and full"),
+    (dict(layer_types=["full_attention", "sliding_attention"], sliding_window=16),
+     "mixing sliding-window and full"),
+    (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=0),
+     "sliding_window must be a positive int"),
     (dict(quantization_config={"quant_method": "gptq"}), "quantized"),
-], ids=["arch", "llama3-rope", "linear-rope", "gelu", "mistral-window", "qwen2-window",
-        "layer-types", "quantized"])
+], ids=["arch", "llama3-rope", "linear-rope", "gelu", "qwen2-mixed-window", "layer-types",
+        "bad-window", "quantized"])
 def test_loader_refuses_unsupported(tiny, tmp_path, overrides, match):
   config, params = tiny
   path = write_checkpoint(tmp_path, hf_config(**overrides), hf_tensors(params, config))
@@ -66,17 +68,34 @@ def test_loader_refuses_unsupported(tiny, tmp_path, overrides, match):
     load_hf_checkpoint(path)
 
 
-def test_loader_sliding_window_opt_in(tiny, tmp_path):
+@pytest.mark.parametrize("overrides", [
+    dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=6),
+    dict(layer_types=["sliding_attention", "sliding_attention"], sliding_window=6),
+], ids=["mistral", "layer-types"])
+def test_loader_applies_the_sliding_window(tiny, tmp_path, overrides):
+  """A window shorter than the sequence is applied (generation goes past it), and changes the
+  result against the same weights without a window."""
   config, params = tiny
-  path = write_checkpoint(tmp_path, hf_config(architectures=["MistralForCausalLM"],
-                                             model_type="mistral", sliding_window=16),
-                          hf_tensors(params, config))
-  cfg, loaded = load_hf_checkpoint(path, allow_sliding_window=True)
-  assert cfg.sliding_window == 16 and cfg.max_sequence_length == 16
-  prompts, lengths = ragged_prompts(0, [4, 3])
-  generate(cfg, loaded, prompts, lengths, 13, implementation="xla")  # 4 + 13 - 1 = 16 positions
-  with pytest.raises(ValueError, match="sliding window"):
-    generate(cfg, loaded, prompts, lengths, 14, implementation="xla")
+  path = write_checkpoint(tmp_path, hf_config(**overrides), hf_tensors(params, config))
+  cfg, loaded = load_hf_checkpoint(path)
+  assert cfg.sliding_window == 6 and cfg.max_sequence_length == cfg.max_position_embeddings
+  prompts, lengths = ragged_prompts(0, [9, 7])
+  generate(cfg, loaded, prompts, lengths, 8, implementation="xla")  # 9 + 8 tokens > window 6
+  logits = Decoder(cfg, implementation="xla").apply({"params": loaded}, prompts)
+  full = Decoder(cfg.replace(sliding_window=None), implementation="xla").apply(
+      {"params": loaded}, prompts)
+  np.testing.assert_allclose(np.asarray(logits[:, :6]), np.asarray(full[:, :6]), rtol=1e-5,
+                             atol=1e-5)
+  assert not np.allclose(np.asarray(logits[:, 6:]), np.asarray(full[:, 6:]), atol=1e-4)
+
+
+def test_qwen2_window_follows_max_window_layers():
+  from flax_layers.checkpoint import config_from_hf  # pylint: disable=g-import-not-at-top
+  qwen = hf_config(architectures=["Qwen2ForCausalLM"], model_type="qwen2", sliding_window=6,
+                   use_sliding_window=True)
+  assert config_from_hf(dict(qwen, max_window_layers=0)).sliding_window == 6
+  assert config_from_hf(dict(qwen, max_window_layers=2)).sliding_window is None
+  assert config_from_hf(dict(qwen, use_sliding_window=False)).sliding_window is None
 
 
 def test_loader_tensor_errors(tiny, tmp_path):

@@ -30,9 +30,11 @@ def test_config_defaults_and_validation():
   with pytest.raises(ValueError, match="num_layers"):
     cfg.replace(num_layers=0)
   windowed = cfg.replace(sliding_window=8, max_position_embeddings=32)
-  windowed.check_sequence_length(8)
-  with pytest.raises(ValueError, match="sliding window"):
-    windowed.check_sequence_length(9)
+  windowed.check_sequence_length(32)  # a window no longer caps the sequence
+  with pytest.raises(ValueError, match="sliding_window must be a positive int"):
+    cfg.replace(sliding_window=0)
+  with pytest.raises(ValueError, match="logits_soft_cap must be a positive float"):
+    cfg.replace(logits_soft_cap=-1.0)
   with pytest.raises(ValueError, match="max_position_embeddings"):
     cfg.replace(max_position_embeddings=32).check_sequence_length(33)
 

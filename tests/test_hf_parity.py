@@ -1,7 +1,8 @@
 """Parity with Hugging Face transformers (PyTorch, float32, eager attention).
 
 Tiny random-weight ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM`` models are
-written with ``save_pretrained`` and loaded with ``load_hf_checkpoint``. Checked, with the Pallas
+written with ``save_pretrained`` and loaded with ``load_hf_checkpoint`` (one Mistral with a sliding
+window shorter than its prompts). Checked, with the Pallas
 kernels in interpret mode on CPU (and compiled on a GPU, ``-m gpu``; HF stays on the CPU):
 
 * full-sequence logits within 1e-4 relative (``max|ours - hf| / max|hf|``);
@@ -39,6 +40,7 @@ class Case:
   tied: bool = False
   attention_bias: bool = False  # Llama only (q/k/v and o)
   scan_layers: bool = False  # nn.scan layout and a layer-stacked cache
+  window: int | None = None  # Mistral's sliding_window
 
   @property
   def ratio(self):
@@ -59,6 +61,9 @@ CASES = [
          scan_layers=True),
     # Mistral (no sliding window), ratio 2, head_dim == hidden / heads.
     Case("mistral-g2", "mistral", hidden=32, heads=2, kv_heads=1, head_dim=16, layers=2),
+    # Mistral with a window shorter than the prompts (5 < 9, 13) and the generations.
+    Case("mistral-window5", "mistral", hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2,
+         window=5),
 ]
 
 # (implementation, interpret, precision): the kernels in interpret mode on CPU and compiled on a
@@ -86,7 +91,7 @@ def _hf_model(case: Case, seed: int):
   elif case.family == "qwen2":
     cfg, cls = Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
   else:
-    cfg, cls = MistralConfig(**common, sliding_window=None), MistralForCausalLM
+    cfg, cls = MistralConfig(**common, sliding_window=case.window), MistralForCausalLM
   torch.manual_seed(seed)
   model = cls(cfg).float().eval()
   with torch.no_grad():  # Norm weights start at one and biases at zero: make them matter.
@@ -115,6 +120,7 @@ def loaded(request, tmp_path_factory):
   assert config.tie_word_embeddings == case.tied
   assert config.attention_bias == (case.family == "qwen2" or case.attention_bias)
   assert config.attention_out_bias == case.attention_bias
+  assert config.sliding_window == case.window
   return case, model, config, params
 
 
