@@ -122,18 +122,9 @@ def _dq_kernel(q_offset_ref, kv_lengths_ref, q_ref, do_ref, lse_ref, delta_ref, 
     return jnp.minimum(first_chunk(w) + c, num_chunks - 1)
 
   def key_extent(w):
-    """(blocks visible to every row, blocks visible to some row) of warpgroup ``w``."""
-    first_t = fwd.chunk_origin(chunk(w, 0), group_size)[1]
-    last_t = jnp.minimum(
-        fwd.chunk_origin(chunk(w, chunks_per_wg - 1), group_size)[1] + rows_per_chunk,
-        q_len) - 1
-    if causal:
-      end = jnp.clip(jnp.minimum(kv_len, q_offset + last_t + 1), 0, None)
-      full = jnp.clip(jnp.minimum(kv_len, q_offset + first_t + 1), 0, None) // block
-    else:
-      end = jnp.clip(kv_len, 0, None)
-      full = end // block
-    blocks = jnp.where(first_chunk(w) < num_chunks, pl.cdiv(end, block), 0)
+    full, blocks = fwd.warpgroup_key_blocks(
+        first_chunk(w), num_chunks=num_chunks, group_size=group_size, q_len=q_len,
+        q_offset=q_offset, kv_len=kv_len, block_kv=block, causal=causal)
     return jnp.minimum(full, blocks), blocks
 
   num_blocks = jnp.maximum(key_extent(0)[1], key_extent(1)[1])

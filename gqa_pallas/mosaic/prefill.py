@@ -166,6 +166,26 @@ def tiling(group_size: int, q_len: int) -> tuple[int, int]:
   return chunks, pl.cdiv(chunks, TILE_ROWS // rows)
 
 
+def warpgroup_key_blocks(first_chunk, *, num_chunks, group_size, q_len, q_offset, kv_len,
+                         block_kv, causal):
+  """``(full, blocks)`` of a warpgroup whose 64 rows start at chunk ``first_chunk``: key blocks
+  below ``full`` are visible to every row, keys in blocks below ``blocks`` to some row (0 for a
+  warpgroup past the last chunk). Positions grow with the chunk, so its first and last chunks
+  bound them; chunks past the end repeat the last one."""
+  rows_per_chunk = chunk_rows(group_size)
+  last_chunk = jnp.minimum(first_chunk + ROWS_PER_WG // rows_per_chunk - 1, num_chunks - 1)
+  first_t = chunk_origin(jnp.minimum(first_chunk, num_chunks - 1), group_size)[1]
+  last_t = jnp.minimum(chunk_origin(last_chunk, group_size)[1] + rows_per_chunk, q_len) - 1
+  if causal:
+    end = jnp.clip(jnp.minimum(kv_len, q_offset + last_t + 1), 0, None)
+    full = jnp.clip(jnp.minimum(kv_len, q_offset + first_t + 1), 0, None) // block_kv
+  else:
+    end = jnp.clip(kv_len, 0, None)
+    full = end // block_kv
+  blocks = jnp.where(first_chunk < num_chunks, pl.cdiv(end, block_kv), 0)
+  return full, blocks
+
+
 def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *,
             causal, qk_scale, q_len, group_size, num_tiles, block_kv, stages, kv_splits,
             blocks_per_split, interpret):
@@ -199,19 +219,10 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
     return jnp.minimum(first_chunk(w) + c, num_chunks - 1)
 
   def key_extent(w):
-    """(end of the unmasked blocks, end of the blocks) of warpgroup ``w`` in this split: keys
-    ``[0, end)`` are visible to some row, blocks below ``full`` to every row. Positions grow
-    with the chunk, so the first and last chunks bound them."""
-    first_t = chunk_origin(chunk(w, 0), group_size)[1]
-    last_t = jnp.minimum(
-        chunk_origin(chunk(w, chunks_per_wg - 1), group_size)[1] + rows_per_chunk, q_len) - 1
-    if causal:
-      end = jnp.clip(jnp.minimum(kv_len, q_offset + last_t + 1), 0, None)
-      full = jnp.clip(jnp.minimum(kv_len, q_offset + first_t + 1), 0, None) // block_kv
-    else:
-      end = jnp.clip(kv_len, 0, None)
-      full = end // block_kv
-    blocks = jnp.where(first_chunk(w) < num_chunks, pl.cdiv(end, block_kv), 0)
+    """``warpgroup_key_blocks`` of warpgroup ``w``, within this split's blocks."""
+    full, blocks = warpgroup_key_blocks(
+        first_chunk(w), num_chunks=num_chunks, group_size=group_size, q_len=q_len,
+        q_offset=q_offset, kv_len=kv_len, block_kv=block_kv, causal=causal)
     blocks = jnp.clip(blocks, first_block, first_block + blocks_per_split)
     return jnp.clip(full, first_block, blocks), blocks
 
