@@ -107,8 +107,9 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
   if partial not in (None, 1, 1.0):
     _refuse(source, f"partial_rotary_factor={partial} is not supported.")
 
-  # Sliding windows: one window for every layer (per-layer mixes are not representable yet).
+  # Sliding windows: every layer's, or per layer (layer_types).
   window = None
+  per_layer = None
   layer_types = hf.get("layer_types")
   if not layer_types and family == "qwen2" and hf.get("use_sliding_window"):
     # Qwen2 slides from layer max_window_layers on (transformers' own rule).
@@ -120,11 +121,16 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
     if not kinds <= {"full_attention", "sliding_attention"}:
       _refuse(source, f"layer types {sorted(kinds - {'full_attention', 'sliding_attention'})} "
               "are not supported.")
-    if kinds == {"full_attention", "sliding_attention"}:
-      _refuse(source, "layers mixing sliding-window and full attention (layer_types) are not "
-              "supported yet; every layer must use the same attention.")
-    if kinds == {"sliding_attention"}:
+    if "sliding_attention" in kinds:
       window = hf.get("sliding_window")
+      if len(kinds) > 1:
+        if len(layer_types) != hf.get("num_hidden_layers"):
+          _refuse(source, f"layer_types has {len(layer_types)} entries for "
+                  f"{hf.get('num_hidden_layers')} layers.")
+        if scan_layers:
+          _refuse(source, "scan_layers=True needs identical layers; this model mixes "
+                  "sliding-window and full-attention layers (load it without scan_layers).")
+        per_layer = tuple(layer_types)
   elif family == "mistral":
     window = hf.get("sliding_window")
   if window is not None and (isinstance(window, bool) or not isinstance(window, int) or
@@ -161,7 +167,8 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
       rope_theta=float(rope_theta), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       tie_word_embeddings=bool(tied), attention_bias=qkv_bias, attention_out_bias=out_bias,
       mlp_bias=mlp_bias, max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-      sliding_window=None if window is None else int(window), dtype=dtype,
+      sliding_window=None if window is None else int(window), layer_types=per_layer,
+      dtype=dtype,
       param_dtype=param_dtype, scan_layers=scan_layers)
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -68,8 +68,12 @@ class DecoderConfig:
     attention_out_bias: bias on the output projection (Llama ``attention_bias=True``; not Qwen2).
     mlp_bias: biases on the MLP projections (Llama ``mlp_bias``).
     max_position_embeddings: longest sequence (prompt + generated) the model accepts.
-    sliding_window: every layer's attention window (a query sees itself and the
-      ``sliding_window - 1`` tokens before it; Mistral, Qwen2 ``use_sliding_window``); None: none.
+    sliding_window: the attention window (a query sees itself and the ``sliding_window - 1``
+      tokens before it; Mistral, Qwen2 ``use_sliding_window``) of every layer, or of the
+      ``"sliding_attention"`` layers of ``layer_types``; None: none.
+    layer_types: per layer ``"sliding_attention"`` or ``"full_attention"`` (Hugging Face's
+      ``layer_types``); None: every layer slides when ``sliding_window`` is set. Layers of
+      different types cannot be stacked under ``scan_layers``.
     logits_soft_cap: attention logit soft-cap (``cap * tanh(s / cap)``); None: off.
     dtype: compute dtype name; param_dtype: parameter dtype name.
     scan_layers: stack the layers with ``nn.scan`` instead of the default explicit loop.
@@ -89,6 +93,7 @@ class DecoderConfig:
   mlp_bias: bool = False
   max_position_embeddings: int = 2048
   sliding_window: Optional[int] = None
+  layer_types: Optional[Tuple[str, ...]] = None
   logits_soft_cap: Optional[float] = None
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -123,6 +128,20 @@ class DecoderConfig:
         raise ValueError(f"DecoderConfig.logits_soft_cap must be a positive float or None; got "
                          f"{self.logits_soft_cap!r}.")
       object.__setattr__(self, "logits_soft_cap", float(self.logits_soft_cap))
+    if self.layer_types is not None:
+      types = tuple(self.layer_types)
+      if len(types) != self.num_layers or not set(types) <= {"sliding_attention",
+                                                              "full_attention"}:
+        raise ValueError(f"DecoderConfig.layer_types must give 'sliding_attention' or "
+                         f"'full_attention' for each of the {self.num_layers} layers; got "
+                         f"{self.layer_types!r}.")
+      if "sliding_attention" in types and self.sliding_window is None:
+        raise ValueError("DecoderConfig.layer_types has sliding_attention layers but "
+                         "sliding_window is None.")
+      if self.scan_layers and len(set(types)) > 1:
+        raise ValueError("scan_layers=True stacks identical layers; layer_types mixes sliding "
+                         "and full attention (use the default loop layout).")
+      object.__setattr__(self, "layer_types", types)
     object.__setattr__(self, "rope_theta", float(self.rope_theta))
     object.__setattr__(self, "rms_norm_eps", float(self.rms_norm_eps))
     object.__setattr__(self, "dtype", _dtype_name(self.dtype))
@@ -140,6 +159,12 @@ class DecoderConfig:
   def max_sequence_length(self) -> int:
     """Longest sequence the model runs: ``max_position_embeddings`` (a window does not cap it)."""
     return self.max_position_embeddings
+
+  def window_of(self, layer: int) -> Optional[int]:
+    """The attention window of layer ``layer`` (None: full causal attention)."""
+    if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+      return None
+    return self.sliding_window
 
   def replace(self, **changes) -> "DecoderConfig":
     return dataclasses.replace(self, **changes)
@@ -185,11 +210,15 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """One pre-norm block. ``__call__(x, cache, positions, num_new) -> (x, new_cache)``."""
+  """One pre-norm block. ``__call__(x, cache, positions, num_new) -> (x, new_cache)``.
+
+  ``layer``: its index (it picks the layer's attention window, ``config.window_of``).
+  """
   config: DecoderConfig
   implementation: Optional[str] = None
   interpret: bool = False
   precision: Any = None
+  layer: int = 0
 
   @nn.compact
   def __call__(self, x, cache, positions, num_new):
@@ -203,7 +232,8 @@ class DecoderBlock(nn.Module):
         rope_theta=cfg.rope_theta, is_causal=True, dtype=cfg.compute_dtype,
         param_dtype=cfg.params_dtype, precision=self.precision, kernel_init=_INIT,
         implementation=self.implementation, interpret=self.interpret,
-        sliding_window=cfg.sliding_window, logits_soft_cap=cfg.logits_soft_cap, name="attn")
+        sliding_window=cfg.window_of(self.layer), logits_soft_cap=cfg.logits_soft_cap,
+        name="attn")
     h = norm(name="input_norm")(x)
     if cache is None:
       a, new_cache = attn(h, positions=positions), None
@@ -290,7 +320,8 @@ class Decoder(nn.Module):
       new_layers = []
       for i in range(cfg.num_layers):
         layer_cache = None if cache is None else (cache.layer(i) if stacked else cache[i])
-        x, c = DecoderBlock(**block_kw, name=f"layers_{i}")(x, layer_cache, positions, num_new)
+        x, c = DecoderBlock(**block_kw, layer=i, name=f"layers_{i}")(x, layer_cache, positions,
+                                                                    num_new)
         new_layers.append(c)
       if cache is None:
         new_cache = None

@@ -52,15 +52,13 @@ def test_load_round_trip_sharded_and_bf16(tiny, tmp_path):
     (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "llama3"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "linear"),
     (dict(hidden_act="gelu"), "hidden_act"),
-    (dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True,
-          sliding_window=32, max_window_layers=1), "mixing sliding-window and full"),
-    (dict(layer_types=["full_attention", "sliding_attention"], sliding_window=16),
-     "mixing sliding-window and full"),
+    (dict(layer_types=["full_attention", "sliding_attention", "full_attention"],
+          sliding_window=16), "layer_types has 3 entries"),
     (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=0),
      "sliding_window must be a positive int"),
     (dict(quantization_config={"quant_method": "gptq"}), "quantized"),
-], ids=["arch", "llama3-rope", "linear-rope", "gelu", "qwen2-mixed-window", "layer-types",
-        "bad-window", "quantized"])
+], ids=["arch", "llama3-rope", "linear-rope", "gelu", "layer-types-length", "bad-window",
+        "quantized"])
 def test_loader_refuses_unsupported(tiny, tmp_path, overrides, match):
   config, params = tiny
   path = write_checkpoint(tmp_path, hf_config(**overrides), hf_tensors(params, config))
@@ -71,7 +69,8 @@ def test_loader_refuses_unsupported(tiny, tmp_path, overrides, match):
 @pytest.mark.parametrize("overrides", [
     dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=6),
     dict(layer_types=["sliding_attention", "sliding_attention"], sliding_window=6),
-], ids=["mistral", "layer-types"])
+    dict(layer_types=["sliding_attention", "full_attention"], sliding_window=6),
+], ids=["mistral", "layer-types", "mixed-layer-types"])
 def test_loader_applies_the_sliding_window(tiny, tmp_path, overrides):
   """A window shorter than the sequence is applied (generation goes past it), and changes the
   result against the same weights without a window."""
@@ -82,7 +81,7 @@ def test_loader_applies_the_sliding_window(tiny, tmp_path, overrides):
   prompts, lengths = ragged_prompts(0, [9, 7])
   generate(cfg, loaded, prompts, lengths, 8, implementation="xla")  # 9 + 8 tokens > window 6
   logits = Decoder(cfg, implementation="xla").apply({"params": loaded}, prompts)
-  full = Decoder(cfg.replace(sliding_window=None), implementation="xla").apply(
+  full = Decoder(cfg.replace(sliding_window=None, layer_types=None), implementation="xla").apply(
       {"params": loaded}, prompts)
   np.testing.assert_allclose(np.asarray(logits[:, :6]), np.asarray(full[:, :6]), rtol=1e-5,
                              atol=1e-5)
@@ -96,6 +95,11 @@ def test_qwen2_window_follows_max_window_layers():
   assert config_from_hf(dict(qwen, max_window_layers=0)).sliding_window == 6
   assert config_from_hf(dict(qwen, max_window_layers=2)).sliding_window is None
   assert config_from_hf(dict(qwen, use_sliding_window=False)).sliding_window is None
+  mixed = config_from_hf(dict(qwen, max_window_layers=1))
+  assert mixed.layer_types == ("full_attention", "sliding_attention")
+  assert (mixed.window_of(0), mixed.window_of(1)) == (None, 6)
+  with pytest.raises(UnsupportedCheckpointError, match="scan_layers=True needs identical"):
+    config_from_hf(dict(qwen, max_window_layers=1), scan_layers=True)
 
 
 def test_loader_tensor_errors(tiny, tmp_path):

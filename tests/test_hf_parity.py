@@ -40,7 +40,8 @@ class Case:
   tied: bool = False
   attention_bias: bool = False  # Llama only (q/k/v and o)
   scan_layers: bool = False  # nn.scan layout and a layer-stacked cache
-  window: int | None = None  # Mistral's sliding_window
+  window: int | None = None  # Mistral's / Qwen2's sliding_window
+  window_from: int = 0  # Qwen2's max_window_layers: layers below it attend in full
 
   @property
   def ratio(self):
@@ -64,6 +65,9 @@ CASES = [
     # Mistral with a window shorter than the prompts (5 < 9, 13) and the generations.
     Case("mistral-window5", "mistral", hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2,
          window=5),
+    # Qwen2 whose first layer attends in full and whose second slides (window 4).
+    Case("qwen2-mixed-window4", "qwen2", hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2,
+         window=4, window_from=1),
 ]
 
 # (implementation, interpret, precision): the kernels in interpret mode on CPU and compiled on a
@@ -89,7 +93,9 @@ def _hf_model(case: Case, seed: int):
     cfg, cls = LlamaConfig(**common, attention_bias=case.attention_bias,
                            mlp_bias=case.attention_bias), LlamaForCausalLM
   elif case.family == "qwen2":
-    cfg, cls = Qwen2Config(**common, use_sliding_window=False), Qwen2ForCausalLM
+    cfg, cls = Qwen2Config(**common, use_sliding_window=case.window is not None,
+                           sliding_window=case.window, max_window_layers=case.window_from
+                           ), Qwen2ForCausalLM
   else:
     cfg, cls = MistralConfig(**common, sliding_window=case.window), MistralForCausalLM
   torch.manual_seed(seed)
