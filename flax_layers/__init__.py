@@ -15,7 +15,7 @@ __all__ = [
     "rotate_half",
 ]
 
-# Llama/Qwen2/Mistral decoder, HF checkpoint loading and the jit generation loop.
+# Llama/Qwen2/Mistral/Gemma 2 decoder, HF checkpoint loading and the jit generation loop.
 from flax_layers.checkpoint import UnsupportedCheckpointError, load_hf_checkpoint
 from flax_layers.decoder import (MLP, Decoder, DecoderBlock, DecoderConfig, RMSNorm, init_cache,
                                  init_params, stack_layer_params, unstack_layer_params)

@@ -41,6 +41,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
+    "Gemma2ForCausalLM": "gemma2",
 }
 
 # Tensors a checkpoint may carry that the model recomputes (old Llama checkpoints store RoPE's
@@ -85,9 +86,15 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
     if model_type is not None and model_type != family:
       _refuse(source, f"architecture {arch} with model_type {model_type!r} is inconsistent.")
 
-  act = hf.get("hidden_act", "silu")
-  if act != "silu":
-    _refuse(source, f"hidden_act {act!r} is not supported (only 'silu', the SwiGLU MLP).")
+  if family == "gemma2":
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+      _refuse(source, f"hidden_activation {act!r} is not supported for Gemma 2 (only "
+              "'gelu_pytorch_tanh', the tanh-approximate GeGLU).")
+  else:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+      _refuse(source, f"hidden_act {act!r} is not supported (only 'silu', the SwiGLU MLP).")
   if hf.get("quantization_config"):
     _refuse(source, "quantized checkpoints are not supported.")
 
@@ -111,6 +118,10 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
   window = None
   per_layer = None
   layer_types = hf.get("layer_types")
+  if not layer_types and family == "gemma2" and hf.get("sliding_window"):
+    # Gemma 2 alternates, sliding first (transformers' default layer_types).
+    layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                   for i in range(hf.get("num_hidden_layers", 0))]
   if not layer_types and family == "qwen2" and hf.get("use_sliding_window"):
     # Qwen2 slides from layer max_window_layers on (transformers' own rule).
     first = hf.get("max_window_layers", 0) or 0
@@ -142,7 +153,7 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
   head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
   if family == "qwen2":
     qkv_bias, out_bias = True, False
-  elif family == "llama":
+  elif family in ("llama", "gemma2"):
     qkv_bias = out_bias = bool(hf.get("attention_bias", False))
   else:  # mistral
     qkv_bias = out_bias = False
@@ -154,6 +165,11 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
   if tied is None:
     tied = tensor_names is not None and "lm_head.weight" not in tensor_names
 
+  gemma = {}
+  if family == "gemma2":
+    gemma = dict(family="gemma2", query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+                 logits_soft_cap=hf.get("attn_logit_softcapping"),
+                 final_logit_soft_cap=hf.get("final_logit_softcapping"))
   ckpt_dtype = hf.get("dtype", hf.get("torch_dtype"))
   if ckpt_dtype not in ("float32", "bfloat16", "float16"):
     ckpt_dtype = "float32"
@@ -168,8 +184,7 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
       tie_word_embeddings=bool(tied), attention_bias=qkv_bias, attention_out_bias=out_bias,
       mlp_bias=mlp_bias, max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
       sliding_window=None if window is None else int(window), layer_types=per_layer,
-      dtype=dtype,
-      param_dtype=param_dtype, scan_layers=scan_layers)
+      dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, **gemma)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,12 +305,16 @@ def convert_hf_tensors(config: DecoderConfig, tensors: Mapping[str, np.ndarray],
                                ("down", "down_proj", d, cfg.intermediate_size)):
       w, b = linear(p + "mlp." + proj, fo, fi, cfg.mlp_bias)
       mlp[name] = {"kernel": w} if b is None else {"kernel": w, "bias": b}
-    layers.append({
+    layer = {
         "input_norm": {"scale": take(p + "input_layernorm.weight", (d,))},
         "attn": attn,
         "post_attention_norm": {"scale": take(p + "post_attention_layernorm.weight", (d,))},
         "mlp": mlp,
-    })
+    }
+    if cfg.family == "gemma2":
+      for name in ("pre_feedforward", "post_feedforward"):
+        layer[f"{name}_norm"] = {"scale": take(p + f"{name}_layernorm.weight", (d,))}
+    layers.append(layer)
 
   params = {
       "embed": {"embedding": take("model.embed_tokens.weight", (cfg.vocab_size, d))},
@@ -323,7 +342,7 @@ def convert_hf_tensors(config: DecoderConfig, tensors: Mapping[str, np.ndarray],
 
 def load_hf_checkpoint(path, *, dtype=None, param_dtype=None, scan_layers: bool = False
                        ) -> Tuple[DecoderConfig, Dict[str, Any]]:
-  """Loads a HF Llama / Qwen2 / Mistral causal-LM directory.
+  """Loads a HF Llama / Qwen2 / Mistral / Gemma 2 causal-LM directory.
 
   Args:
     path: a directory with ``config.json`` and ``model.safetensors`` (or a sharded

@@ -75,6 +75,12 @@ class DecoderConfig:
       ``layer_types``); None: every layer slides when ``sliding_window`` is set. Layers of
       different types cannot be stacked under ``scan_layers``.
     logits_soft_cap: attention logit soft-cap (``cap * tanh(s / cap)``); None: off.
+    family: ``"llama"`` (Llama, Qwen2, Mistral: SwiGLU, pre-norm blocks) or ``"gemma2"``
+      (Gemma 2: embeddings times ``sqrt(hidden_size)``, RMSNorm scaled by ``1 + weight``, norms
+      before and after both attention and MLP, GeGLU with tanh-approximate GELU).
+    query_pre_attn_scalar: attention scale ``query_pre_attn_scalar ** -0.5`` (Gemma 2); None:
+      ``head_dim ** -0.5``.
+    final_logit_soft_cap: soft-cap of the output logits (Gemma 2); None: off.
     dtype: compute dtype name; param_dtype: parameter dtype name.
     scan_layers: stack the layers with ``nn.scan`` instead of the default explicit loop.
   """
@@ -95,6 +101,9 @@ class DecoderConfig:
   sliding_window: Optional[int] = None
   layer_types: Optional[Tuple[str, ...]] = None
   logits_soft_cap: Optional[float] = None
+  family: str = "llama"
+  query_pre_attn_scalar: Optional[float] = None
+  final_logit_soft_cap: Optional[float] = None
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = False
@@ -121,13 +130,15 @@ class DecoderConfig:
         self.sliding_window, bool) or self.sliding_window <= 0):
       raise ValueError(f"DecoderConfig.sliding_window must be a positive int or None; got "
                        f"{self.sliding_window!r}.")
-    if self.logits_soft_cap is not None:
-      if isinstance(self.logits_soft_cap, bool) or not isinstance(self.logits_soft_cap,
-                                                                  (int, float)) or not (
-                                                                      self.logits_soft_cap > 0):
-        raise ValueError(f"DecoderConfig.logits_soft_cap must be a positive float or None; got "
-                         f"{self.logits_soft_cap!r}.")
-      object.__setattr__(self, "logits_soft_cap", float(self.logits_soft_cap))
+    for name in ("logits_soft_cap", "query_pre_attn_scalar", "final_logit_soft_cap"):
+      value = getattr(self, name)
+      if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+          raise ValueError(f"DecoderConfig.{name} must be a positive float or None; got "
+                           f"{value!r}.")
+        object.__setattr__(self, name, float(value))
+    if self.family not in ("llama", "gemma2"):
+      raise ValueError(f"DecoderConfig.family must be 'llama' or 'gemma2'; got {self.family!r}.")
     if self.layer_types is not None:
       types = tuple(self.layer_types)
       if len(types) != self.num_layers or not set(types) <= {"sliding_attention",
@@ -160,6 +171,10 @@ class DecoderConfig:
     """Longest sequence the model runs: ``max_position_embeddings`` (a window does not cap it)."""
     return self.max_position_embeddings
 
+  @property
+  def attention_scale(self) -> Optional[float]:
+    return None if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar ** -0.5
+
   def window_of(self, layer: int) -> Optional[int]:
     """The attention window of layer ``layer`` (None: full causal attention)."""
     if self.layer_types is not None and self.layer_types[layer] == "full_attention":
@@ -180,21 +195,26 @@ _INIT = nn.initializers.normal(stddev=0.02)
 
 
 class RMSNorm(nn.Module):
-  """HF ``LlamaRMSNorm``: the variance in float32, then ``scale * x.astype(dtype)``."""
+  """HF ``LlamaRMSNorm``: the variance in float32, then ``scale * x.astype(dtype)``; with
+  ``offset`` HF ``Gemma2RMSNorm``: ``(1 + scale) * x`` all in float32, then cast."""
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  offset: bool = False
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+    if self.offset:
+      return (y * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
 class MLP(nn.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+  """SwiGLU ``down(silu(gate(x)) * up(x))``; Gemma 2: GeGLU with tanh-approximate GELU."""
   config: DecoderConfig
   precision: Any = None
 
@@ -206,7 +226,8 @@ class MLP(nn.Module):
                               kernel_init=_INIT)
     gate = dense(cfg.intermediate_size, name="gate")(x)
     up = dense(cfg.intermediate_size, name="up")(x)
-    return dense(cfg.hidden_size, name="down")(nn.silu(gate) * up)
+    act = (functools.partial(nn.gelu, approximate=True) if cfg.family == "gemma2" else nn.silu)
+    return dense(cfg.hidden_size, name="down")(act(gate) * up)
 
 
 class DecoderBlock(nn.Module):
@@ -223,13 +244,15 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, cache, positions, num_new):
     cfg = self.config
+    gemma = cfg.family == "gemma2"
     norm = functools.partial(RMSNorm, epsilon=cfg.rms_norm_eps, dtype=cfg.compute_dtype,
-                             param_dtype=cfg.params_dtype)
+                             param_dtype=cfg.params_dtype, offset=gemma)
     attn = GQAAttention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
         qkv_features=cfg.num_heads * cfg.head_dim, out_features=cfg.hidden_size,
         use_bias=cfg.attention_bias, use_out_bias=cfg.attention_out_bias,
-        rope_theta=cfg.rope_theta, is_causal=True, dtype=cfg.compute_dtype,
+        rope_theta=cfg.rope_theta, is_causal=True, scale=cfg.attention_scale,
+        dtype=cfg.compute_dtype,
         param_dtype=cfg.params_dtype, precision=self.precision, kernel_init=_INIT,
         implementation=self.implementation, interpret=self.interpret,
         sliding_window=cfg.window_of(self.layer), logits_soft_cap=cfg.logits_soft_cap,
@@ -239,8 +262,13 @@ class DecoderBlock(nn.Module):
       a, new_cache = attn(h, positions=positions), None
     else:
       a, new_cache = attn(h, positions=positions, cache=cache, num_new=num_new)
-    x = x + a
-    x = x + MLP(cfg, precision=self.precision, name="mlp")(norm(name="post_attention_norm")(x))
+    mlp = MLP(cfg, precision=self.precision, name="mlp")
+    if gemma:  # norms after attention and after the MLP too
+      x = x + norm(name="post_attention_norm")(a)
+      x = x + norm(name="post_feedforward_norm")(mlp(norm(name="pre_feedforward_norm")(x)))
+    else:
+      x = x + a
+      x = x + mlp(norm(name="post_attention_norm")(x))
     return x, new_cache
 
 
@@ -299,6 +327,8 @@ class Decoder(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
                      param_dtype=cfg.params_dtype, embedding_init=_INIT, name="embed")
     x = embed(tokens)
+    if cfg.family == "gemma2":  # HF rounds the normaliser to the compute dtype first
+      x = x * jnp.asarray(cfg.hidden_size ** 0.5, cfg.compute_dtype)
     block_kw = dict(config=cfg, implementation=self.implementation, interpret=self.interpret,
                     precision=self.precision)
     if cfg.scan_layers:
@@ -330,7 +360,7 @@ class Decoder(nn.Module):
       else:
         new_cache = tuple(new_layers)
     x = RMSNorm(cfg.rms_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                name="final_norm")(x)
+                offset=cfg.family == "gemma2", name="final_norm")(x)
     if logits_index is not None:
       x = jnp.take_along_axis(x, logits_index.astype(jnp.int32)[:, None, None], axis=1)[:, 0]
     if cfg.tie_word_embeddings:
@@ -340,6 +370,9 @@ class Decoder(nn.Module):
       logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                         param_dtype=cfg.params_dtype, precision=self.precision,
                         kernel_init=_INIT, name="lm_head")(x)
+    if cfg.final_logit_soft_cap is not None:
+      cap = jnp.asarray(cfg.final_logit_soft_cap, logits.dtype)
+      logits = cap * jnp.tanh(logits / cap)
     return logits if cache is None else (logits, new_cache)
 
 

@@ -57,8 +57,10 @@ def test_load_round_trip_sharded_and_bf16(tiny, tmp_path):
     (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=0),
      "sliding_window must be a positive int"),
     (dict(quantization_config={"quant_method": "gptq"}), "quantized"),
+    (dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", hidden_activation="relu"),
+     "hidden_activation 'relu'"),
 ], ids=["arch", "llama3-rope", "linear-rope", "gelu", "layer-types-length", "bad-window",
-        "quantized"])
+        "quantized", "gemma2-activation"])
 def test_loader_refuses_unsupported(tiny, tmp_path, overrides, match):
   config, params = tiny
   path = write_checkpoint(tmp_path, hf_config(**overrides), hf_tensors(params, config))

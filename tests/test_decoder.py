@@ -35,6 +35,13 @@ def test_config_defaults_and_validation():
     cfg.replace(sliding_window=0)
   with pytest.raises(ValueError, match="logits_soft_cap must be a positive float"):
     cfg.replace(logits_soft_cap=-1.0)
+  with pytest.raises(ValueError, match="family must be 'llama' or 'gemma2'"):
+    cfg.replace(family="gpt2")
+  with pytest.raises(ValueError, match="layer_types must give"):
+    cfg.replace(layer_types=("sliding_attention",) * (cfg.num_layers + 1), sliding_window=4)
+  with pytest.raises(ValueError, match="scan_layers=True stacks identical layers"):
+    cfg.replace(num_layers=2, layer_types=("sliding_attention", "full_attention"),
+                sliding_window=4, scan_layers=True)
   with pytest.raises(ValueError, match="max_position_embeddings"):
     cfg.replace(max_position_embeddings=32).check_sequence_length(33)
 

@@ -31,7 +31,7 @@ VOCAB = 96
 @dataclasses.dataclass(frozen=True)
 class Case:
   name: str
-  family: str  # llama | qwen2 | mistral
+  family: str  # llama | qwen2 | mistral | gemma2
   hidden: int
   heads: int
   kv_heads: int
@@ -68,6 +68,10 @@ CASES = [
     # Qwen2 whose first layer attends in full and whose second slides (window 4).
     Case("qwen2-mixed-window4", "qwen2", hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2,
          window=4, window_from=1),
+    # Gemma 2: sliding (window 4) and global layers alternating, attention and final soft-caps
+    # small enough to bite, query_pre_attn_scalar != head_dim, tied embeddings.
+    Case("gemma2-window4-caps", "gemma2", hidden=32, heads=4, kv_heads=2, head_dim=16, layers=2,
+         tied=True, window=4),
 ]
 
 # (implementation, interpret, precision): the kernels in interpret mode on CPU and compiled on a
@@ -80,8 +84,8 @@ ALL_BACKENDS = BACKENDS + [pytest.param(("xla", False, None), id="xla")]
 
 
 def _hf_model(case: Case, seed: int):
-  from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                            Qwen2Config, Qwen2ForCausalLM)
+  from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM,
+                            MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
   common = dict(vocab_size=VOCAB, hidden_size=case.hidden, intermediate_size=2 * case.hidden,
                 num_hidden_layers=case.layers, num_attention_heads=case.heads,
                 num_key_value_heads=case.kv_heads, head_dim=case.head_dim,
@@ -96,6 +100,10 @@ def _hf_model(case: Case, seed: int):
     cfg, cls = Qwen2Config(**common, use_sliding_window=case.window is not None,
                            sliding_window=case.window, max_window_layers=case.window_from
                            ), Qwen2ForCausalLM
+  elif case.family == "gemma2":
+    cfg, cls = Gemma2Config(**common, sliding_window=case.window, query_pre_attn_scalar=24,
+                            attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                            hidden_activation="gelu_pytorch_tanh"), Gemma2ForCausalLM
   else:
     cfg, cls = MistralConfig(**common, sliding_window=case.window), MistralForCausalLM
   torch.manual_seed(seed)
@@ -125,6 +133,9 @@ def loaded(request, tmp_path_factory):
   assert config.head_dim == case.head_dim
   assert config.tie_word_embeddings == case.tied
   assert config.attention_bias == (case.family == "qwen2" or case.attention_bias)
+  if case.family == "gemma2":
+    assert config.layer_types == ("sliding_attention", "full_attention")
+    assert (config.logits_soft_cap, config.final_logit_soft_cap) == (5.0, 3.0)
   assert config.attention_out_bias == case.attention_bias
   assert config.sliding_window == case.window
   return case, model, config, params
