@@ -224,10 +224,47 @@ def backward_section(path):
   ]
 
 
+def window_section(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    res = json.load(f)
+  prefill = [r for r in res["rows"] if r["kind"] == "window_prefill"]
+  decode = [r for r in res["rows"] if r["kind"] == "window_decode"]
+  out = ["## Sliding windows (bf16)", "",
+         f"From `{os.path.relpath(path, ROOT)}`: {res['device']}, jax {res['jax']}, "
+         f"{res['date'][:10]}. Prefill TFLOP/s of the visible work (4·B·N·H·Σ keys each row "
+         "sees); cuDNN through `jax.nn.dot_product_attention(is_causal=True, "
+         "local_window_size=(W - 1, 0))`, the same computation.", ""]
+  if prefill:
+    head = ["B", "S", "window", "N:K", "H", "ours (backend)", "cuDNN", "ours / cuDNN",
+            "rel. err vs cuDNN"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in prefill:
+      t = r["tflops"]
+      out.append("| " + " | ".join(str(c) for c in [
+          r["B"], r["S"], r["window"], f"{r['N']}:{r['K']}", r["H"],
+          f"{_f(t.get('ours'))} ({r.get('ours_backend', '?')})", _f(t.get("cudnn")),
+          _f(_ratio(t.get("ours"), t.get("cudnn")), "{:.2f}"),
+          _f(r.get("rel_err_vs_cudnn"), "{:.1e}")]) + " |")
+    out.append("")
+  if decode:
+    out += ["Decode, one token per row over a full cache, against a cache as long as the "
+            "window (what a window should cost):", "",
+            "| B | N:K | H | times (us) | long / window-length |", "|---|---|---|---|---|"]
+    for r in decode:
+      times = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["ms"].items())
+      out.append(f"| {r['B']} | {r['N']}:{r['K']} | {r['H']} | {times} | "
+                 f"{r['ratio_long_over_window']:.2f} |")
+    out.append("")
+  return out
+
+
 def _history(main_path):
   shown = {os.path.abspath(main_path),
            os.path.abspath(main_path.replace(".json", "-prefill.json")),
-           os.path.abspath(main_path.replace(".json", "-backward.json"))}
+           os.path.abspath(main_path.replace(".json", "-backward.json")),
+           os.path.abspath(main_path.replace(".json", "-window.json"))}
   others = sorted(p for p in glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))
                   if os.path.abspath(p) not in shown)
   if not others:
@@ -333,6 +370,7 @@ def main(argv=None):
   ]
   text += step_section(path.replace(".json", "-decode-step.json"))
   text += backward_section(path.replace(".json", "-backward.json"))
+  text += window_section(path.replace(".json", "-window.json"))
   for p in made:
     text += [f"![{os.path.basename(p)}](img/{os.path.basename(p)})", ""]
   text += [

@@ -1,12 +1,12 @@
 """One GPU run: ceilings, the anchor prefill grid and the anchor decode grid, side by side.
 
-    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill,chunked,decode,step,backward]
+    PYTHONPATH=$PWD python3 -m benchmarks.run [--only prefill,chunked,decode,step,backward,window]
         [--sweep]
         [--dtypes bfloat16,float16] [--out FILE]
 
 Writes ``benchmarks/results/<device>.json`` (``--only step``: ``<device>-decode-step.json``;
 ``--only prefill,chunked``: ``<device>-prefill.json``; ``--only backward``:
-``<device>-backward.json``; or ``--out``) and prints a table. Every
+``<device>-backward.json``; ``--only window``: ``<device>-window.json``; or ``--out``) and prints a table. Every
 Pallas backend of the registry that runs a shape is timed
 under its own name; ``ours`` is the one ``implementation=None`` picks on this device. Kernel
 times are CUPTI medians (``benchmarks.common.measure_ms``); every row of one file comes from one
@@ -179,6 +179,62 @@ def bench_prefill(sweep: bool, iterations: int, dtypes, rows):
             f"{t.get('ours', 0):.0f}  cudnn {t.get('cudnn', 0):.0f}  xla {t.get('xla', 0):.0f}  "
             f"pl-triton {t.get('pl-triton', 0):.0f}  pl-mgpu {t.get('pl-mgpu', 0):.0f} TFLOP/s  "
             f"err {row['rel_err_vs_f32_ref']:.2e}", flush=True)
+
+
+def bench_window(iterations: int, rows, dtype=jnp.bfloat16):
+  """Sliding windows: prefill (TFLOP/s of the visible work) next to cuDNN's
+  ``local_window_size=(W - 1, 0)`` (the same computation), and decode over a long cache with a
+  window against the same decode over a cache as long as the window (``jax.nn`` cannot express a
+  bottom-right window for one query, so there is no cuDNN decode row)."""
+  for (b, s, n, kh, h), w in shapes.WINDOW_PREFILL:
+    ks = jax.random.split(jax.random.key(s + w), 3)
+    q = common.rand(ks[0], (b, s, n, h), dtype)
+    k, v = common.rand(ks[1], (b, s, kh, h), dtype), common.rand(ks[2], (b, s, kh, h), dtype)
+    seen = sum(min(t + 1, w) for t in range(s))  # keys each row sees, summed
+    flops = 4 * b * n * h * seen
+    default, backends = _backends("prefill", AttentionDims(b, s, s, n, kh, h), dtype)
+    problem = registry.Problem("prefill", AttentionDims(b, s, s, n, kh, h),
+                               jnp.dtype(dtype).name, device=devices.current(),
+                               sliding_window=w)
+    default = registry.resolve(None, problem).name
+    backends = [x for x in backends if registry.get(x).unsupported(problem) is None]
+    row = _Row("tflops", flops, kind="window_prefill", B=b, S=s, N=n, K=kh, H=h, window=w,
+               dtype=jnp.dtype(dtype).name, flops=flops, ours_backend=default)
+    for name in backends:
+      row.record(name, lambda q, k, v, name=name: gp.gqa_attention(
+          q, k, v, implementation=name, sliding_window=w), q, k, v, iterations=iterations)
+    row.alias(default, "ours")
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=(w - 1, 0), implementation="cudnn")
+    row.record("cudnn", cudnn, q, k, v, iterations=iterations)
+    ours = gp.gqa_attention(q, k, v, sliding_window=w)
+    ref = _try(lambda: jax.jit(cudnn)(q, k, v))
+    if not isinstance(ref, str):
+      row["rel_err_vs_cudnn"] = _rel_err(ours, ref)
+    rows.append(row)
+    t = row["tflops"]
+    print(f"window prefill B{b} S{s} W{w} {n}:{kh} H{h}: " + "  ".join(
+        f"{k_} {v_:.0f}" for k_, v_ in t.items()) + f" TFLOP/s err vs cudnn "
+          f"{row.get('rel_err_vs_cudnn', float('nan')):.1e}", flush=True)
+  for (b, s, n, kh, h), w in shapes.WINDOW_DECODE:
+    ks = jax.random.split(jax.random.key(s + w + 1), 3)
+    q = common.rand(ks[0], (b, 1, n, h), dtype)
+    times = {}
+    for length, window in ((s, w), (w, None)):
+      k = common.rand(ks[1], (b, length, kh, h), dtype)
+      v = common.rand(ks[2], (b, length, kh, h), dtype)
+      cache = gp.KVCache(k, v, jnp.full((b,), length, jnp.int32))
+      times[f"S{length}" + (f"-W{window}" if window else "")] = common.measure_ms(
+          jax.jit(lambda q, c, window=window: gp.gqa_decode(q, c, sliding_window=window)), q,
+          cache, iterations=iterations)
+      del k, v, cache
+    (long_key, long_ms), (short_key, short_ms) = times.items()
+    row = {"kind": "window_decode", "B": b, "S": s, "N": n, "K": kh, "H": h, "window": w,
+           "dtype": jnp.dtype(dtype).name, "ms": times, "ratio_long_over_window": long_ms /
+           short_ms}
+    rows.append(row)
+    print(f"window decode B{b} {n}:{kh} H{h}: {long_key} {long_ms * 1e3:.1f} us, {short_key} "
+          f"{short_ms * 1e3:.1f} us ({row['ratio_long_over_window']:.2f}x)", flush=True)
 
 
 def bench_chunked_prefill(iterations: int, rows, dtype=jnp.bfloat16):
@@ -457,8 +513,8 @@ def bench_decode_step(iterations: int, rows, loop_steps: int = 9):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--only", default=None,
-                      help="comma-separated parts: prefill, chunked, decode, step, backward "
-                           "(default: the first three)")
+                      help="comma-separated parts: prefill, chunked, decode, step, backward, "
+                           "window (default: the first three)")
   parser.add_argument("--sweep", action="store_true", help="time several Triton configs")
   parser.add_argument("--dtypes", default="bfloat16,float16",
                       help="prefill input dtypes, comma-separated")
@@ -468,8 +524,9 @@ def main(argv=None):
                       help="only these decode grid shapes, e.g. '16,4096,14,2,64;16,2048,8,8,64'")
   args = parser.parse_args(argv)
   parts = set(args.only.split(",")) if args.only else {"prefill", "chunked", "decode"}
-  if not parts <= {"prefill", "chunked", "decode", "step", "backward"}:
-    parser.error(f"--only takes prefill, chunked, decode, step, backward; got {args.only!r}")
+  if not parts <= {"prefill", "chunked", "decode", "step", "backward", "window"}:
+    parser.error(f"--only takes prefill, chunked, decode, step, backward, window; got "
+                 f"{args.only!r}")
   info = common.device_info()
   if info["platform"] != "gpu":
     sys.exit("benchmarks need a CUDA GPU")
@@ -486,6 +543,8 @@ def main(argv=None):
     name += "-decode-step"
   elif parts == {"backward"}:
     name += "-backward"
+  elif parts == {"window"}:
+    name += "-window"
   elif parts <= {"prefill", "chunked"}:
     name += "-prefill"
   out = args.out or os.path.join(os.path.dirname(__file__), "results", f"{name}.json")
@@ -504,6 +563,8 @@ def main(argv=None):
     bench_decode_step(args.iterations, rows)
   if "backward" in parts:
     bench_backward(args.sweep, args.iterations, rows)
+  if "window" in parts:
+    bench_window(args.iterations, rows)
   rows.save()
   print("wrote", out)
 

@@ -26,3 +26,8 @@ RAGGED_DECODE = (16, 8192, 32, 8, 128)
 
 # The jit decode step (append one token + decode, cache donated).
 STEP_GRID = [(16, 8192, 32, 8, 128), (1, 32768, 32, 8, 128), (16, 4096, 14, 2, 64)]
+
+# Sliding windows: ((B, S, N, K, H), window). Prefill T == S; decode one token per row over a
+# full cache of S, timed against a full cache as long as the window.
+WINDOW_PREFILL = [((1, 16384, 32, 8, 128), 4096), ((1, 32768, 32, 8, 128), 4096)]
+WINDOW_DECODE = [((16, 32768, 32, 8, 128), 4096)]
