@@ -57,6 +57,36 @@ def _refuse(path, msg: str):
   raise UnsupportedCheckpointError(f"{path}: {msg}")
 
 
+def _read_json(filename, what: str):
+  """A JSON object from ``filename``; anything else is a ``ValueError`` naming the file."""
+  try:
+    with open(filename) as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{filename}: not a valid JSON {what} ({e}).") from e
+  if not isinstance(data, dict):
+    raise ValueError(f"{filename}: expected a JSON object ({what}); got "
+                     f"{type(data).__name__}.")
+  return data
+
+
+_MISSING = object()
+
+
+def _number(hf, key, source, kind, default=_MISSING):
+  """``hf[key]`` as a positive ``int`` / ``float``; missing or mistyped is a ``ValueError``
+  naming the file, the field and what it takes."""
+  value = hf.get(key, default) if default is not _MISSING else hf.get(key, _MISSING)
+  if value is _MISSING:
+    raise ValueError(f"{source}: missing field {key!r} (a positive {kind.__name__}).")
+  ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0 and (
+      kind is float or float(value).is_integer())
+  if not ok:
+    raise ValueError(f"{source}: field {key!r} must be a positive {kind.__name__}; got "
+                     f"{value!r}.")
+  return kind(value)
+
+
 def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_layers=False,
                    source: str = "config.json", tensor_names=None) -> DecoderConfig:
   """Builds a ``DecoderConfig`` from a HF ``config.json`` dict, refusing what is not supported.
@@ -148,9 +178,11 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
                              window <= 0):
     _refuse(source, f"sliding_window must be a positive int or null; got {window!r}.")
 
-  num_heads = hf["num_attention_heads"]
-  num_kv_heads = hf.get("num_key_value_heads") or num_heads
-  head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+  num_heads = _number(hf, "num_attention_heads", source, int)
+  num_kv_heads = _number(hf, "num_key_value_heads", source, int,
+                         default=hf.get("num_key_value_heads") or num_heads)
+  head_dim = _number(hf, "head_dim", source, int, default=hf.get("head_dim") or (
+      _number(hf, "hidden_size", source, int) // num_heads))
   if family == "qwen2":
     qkv_bias, out_bias = True, False
   elif family in ("llama", "gemma2"):
@@ -176,13 +208,19 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
   param_dtype = ckpt_dtype if param_dtype is None else param_dtype
   dtype = param_dtype if dtype is None else dtype
 
+  if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or rope_theta <= 0:
+    raise ValueError(f"{source}: rope_theta must be a positive float; got {rope_theta!r}.")
   return DecoderConfig(
-      vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-      intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
-      num_heads=int(num_heads), num_kv_heads=int(num_kv_heads), head_dim=int(head_dim),
-      rope_theta=float(rope_theta), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      vocab_size=_number(hf, "vocab_size", source, int),
+      hidden_size=_number(hf, "hidden_size", source, int),
+      intermediate_size=_number(hf, "intermediate_size", source, int),
+      num_layers=_number(hf, "num_hidden_layers", source, int),
+      num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+      rope_theta=float(rope_theta),
+      rms_norm_eps=_number(hf, "rms_norm_eps", source, float, default=1e-6),
       tie_word_embeddings=bool(tied), attention_bias=qkv_bias, attention_out_bias=out_bias,
-      mlp_bias=mlp_bias, max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+      mlp_bias=mlp_bias,
+      max_position_embeddings=_number(hf, "max_position_embeddings", source, int, default=2048),
       sliding_window=None if window is None else int(window), layer_types=per_layer,
       dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, **gemma)
 
@@ -228,8 +266,11 @@ def read_safetensors(filename) -> Dict[str, np.ndarray]:
       return {name: f.get_tensor(name) for name in f.keys()}
   except (TypeError, ValueError) as e:  # e.g. bfloat16 on old releases
     if "bf16" not in str(e).lower() and "bfloat16" not in str(e).lower():
-      raise
+      raise ValueError(f"{filename}: not a readable safetensors file ({e}).") from e
     return _read_raw_safetensors(filename)
+  except Exception as e:  # the library's own error types (e.g. SafetensorError)
+    raise ValueError(f"{filename}: not a readable safetensors file ({type(e).__name__}: "
+                     f"{e}).") from e
 
 
 def read_checkpoint_tensors(path) -> Dict[str, np.ndarray]:
@@ -238,8 +279,10 @@ def read_checkpoint_tensors(path) -> Dict[str, np.ndarray]:
   single = os.path.join(path, "model.safetensors")
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = _read_json(index, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) for v in weight_map.values()):
+      raise ValueError(f"{index}: expected a 'weight_map' object of tensor name -> shard file.")
     tensors = {}
     for shard in sorted(set(weight_map.values())):
       shard_path = os.path.join(path, shard)
@@ -363,8 +406,7 @@ def load_hf_checkpoint(path, *, dtype=None, param_dtype=None, scan_layers: bool 
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"{path}: no config.json (expected a save_pretrained directory).")
-  with open(cfg_path) as f:
-    hf = json.load(f)
+  hf = _read_json(cfg_path, "config")
   tensors = read_checkpoint_tensors(path)
   config = config_from_hf(hf, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
                           source=cfg_path,
@@ -383,8 +425,7 @@ def generation_defaults(path) -> Dict[str, Any]:
   for name in ("config.json", "generation_config.json"):
     p = os.path.join(os.fspath(path), name)
     if os.path.exists(p):
-      with open(p) as f:
-        data = json.load(f)
+      data = _read_json(p, "generation config" if name.startswith("generation") else "config")
       for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
         if data.get(key) is not None:
           out[key] = data[key]

@@ -107,9 +107,18 @@ class KVCache:
     return self.k.shape[0] if self.k.ndim == 5 else None
 
   def layer(self, i) -> "KVCache":
-    """The cache of layer ``i`` of a stacked cache."""
+    """The cache of layer ``i`` of a stacked cache.
+
+    A Python int must be in ``[-num_layers, num_layers)`` (negative counts from the end, as in
+    Python); a traced index is clamped into range by JAX's indexing (it cannot be checked).
+    """
     if self.num_layers is None:
       raise ValueError("layer(i) needs a stacked cache (created with num_layers=...).")
+    if isinstance(i, (bool, np.bool_)):
+      raise TypeError("layer(i) takes an int layer index; got a bool.")
+    if isinstance(i, (int, np.integer)) and not -self.num_layers <= i < self.num_layers:
+      raise ValueError(f"layer index {i} is out of range for a cache of {self.num_layers} "
+                       f"layers (valid: {-self.num_layers}..{self.num_layers - 1}).")
     return jax.tree_util.tree_map(lambda x: x[i], self)
 
   def append(self, k_new, v_new, num_new=None, *, implementation=None,

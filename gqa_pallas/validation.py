@@ -9,6 +9,10 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+try:  # public through jax 0.11; the private home otherwise
+  from jax.core import Tracer as _Tracer
+except ImportError:  # pragma: no cover
+  from jax._src.core import Tracer as _Tracer
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 DTYPE_NAMES = ", ".join(jnp.dtype(d).name for d in SUPPORTED_DTYPES)
@@ -48,15 +52,40 @@ def check_rank(name: str, x, rank: int, layout: str) -> None:
         f"{name} must be rank {rank} with layout {layout}; got shape {getattr(x, 'shape', None)}.")
 
 
+INT32_RANGE = (-2 ** 31, 2 ** 31 - 1)
+
+
+def _check_int32_range(name: str, values) -> None:
+  values = np.asarray(values)
+  if values.size and (values.min() < INT32_RANGE[0] or values.max() > INT32_RANGE[1]):
+    raise ValueError(f"{name} must fit int32 ({INT32_RANGE[0]}..{INT32_RANGE[1]}); got values "
+                     f"from {values.min()} to {values.max()}.")
+
+
 def check_per_row(name: str, x, batch: int):
-  """Per-row integer vector ``int32[B]``; a Python int or scalar is broadcast to every row."""
+  """Per-row integer vector ``int32[B]``; a Python int or scalar is broadcast to every row.
+
+  Bools are refused (``TypeError``); values outside int32 are a ``ValueError`` wherever they are
+  known (Python ints, NumPy arrays, concrete arrays of a wider integer dtype), never wrapped.
+  """
   if x is None:
     return None
+  if isinstance(x, (bool, np.bool_)):
+    raise TypeError(f"{name} must be an int or an integer array int32[{batch}]; got a bool.")
   if isinstance(x, (int, np.integer)):
+    _check_int32_range(name, x)
     return jnp.full((batch,), x, jnp.int32)
-  x = jnp.asarray(x) if not hasattr(x, "dtype") else x
+  if not hasattr(x, "dtype"):
+    x = np.asarray(x)
+    if x.dtype == object or jnp.issubdtype(x.dtype, jnp.integer):
+      _check_int32_range(name, x.astype(np.int64) if x.dtype == object else x)
+      x = x.astype(np.int64)
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise TypeError(f"{name} must be an integer array int32[{batch}]; got dtype {x.dtype}.")
+  if isinstance(x, np.ndarray) or (jnp.dtype(x.dtype).itemsize > 4 or jnp.dtype(
+      x.dtype) == jnp.uint32) and not isinstance(x, _Tracer):
+    _check_int32_range(name, x)
+  x = jnp.asarray(x)
   if x.ndim == 0:
     return jnp.broadcast_to(x.astype(jnp.int32), (batch,))
   if x.shape != (batch,):

@@ -449,3 +449,13 @@ def test_donated_cache_is_updated_in_place():
   out2 = append(out, k_new, v_new)
   assert out.k.is_deleted()
   np.testing.assert_array_equal(np.asarray(out2.lengths), [6, 6])
+
+
+def test_layer_index_out_of_range_is_refused():
+  cache = KVCache.init(2, 8, 2, 16, num_layers=3)
+  assert cache.layer(-1).k.shape == cache.layer(2).k.shape
+  for bad in (3, -4, 10):
+    with pytest.raises(ValueError, match=f"layer index {bad} is out of range for a cache of 3"):
+      cache.layer(bad)
+  with pytest.raises(TypeError, match="got a bool"):
+    cache.layer(True)

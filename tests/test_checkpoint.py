@@ -128,3 +128,43 @@ def test_loader_tensor_errors(tiny, tmp_path):
     load_hf_checkpoint(tmp_path / "nowhere")
 
 
+
+
+@pytest.mark.parametrize("broken,match", [
+    ("config_text", "config.json: not a valid JSON config"),
+    ("config_list", "config.json: expected a JSON object"),
+    ("missing_field", "missing field 'vocab_size'"),
+    ("wrong_type", "field 'hidden_size' must be a positive int; got '32'"),
+    ("bool_field", "field 'num_hidden_layers' must be a positive int; got True"),
+    ("bad_eps", "field 'rms_norm_eps' must be a positive float"),
+    ("index_no_map", "index.json: expected a 'weight_map' object"),
+    ("index_text", "index.json: not a valid JSON safetensors index"),
+    ("tensors", "model.safetensors: not a readable safetensors file"),
+])
+def test_broken_checkpoints_name_the_file_and_field(tiny, tmp_path, broken, match):
+  """Broken files raise a ValueError that names the file and the field (no JSONDecodeError,
+  KeyError or library error without the path)."""
+  config, params = tiny
+  cfg = hf_config()
+  if broken == "missing_field":
+    del cfg["vocab_size"]
+  elif broken == "wrong_type":
+    cfg["hidden_size"] = "32"
+  elif broken == "bool_field":
+    cfg["num_hidden_layers"] = True
+  elif broken == "bad_eps":
+    cfg["rms_norm_eps"] = -1
+  path = write_checkpoint(tmp_path, cfg, hf_tensors(params, config),
+                          shards=2 if broken.startswith("index") else 1)
+  if broken == "config_text":
+    (tmp_path / "config.json").write_text("{not json")
+  elif broken == "config_list":
+    (tmp_path / "config.json").write_text("[1, 2]")
+  elif broken == "index_no_map":
+    (tmp_path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+  elif broken == "index_text":
+    (tmp_path / "model.safetensors.index.json").write_text("weight_map")
+  elif broken == "tensors":
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+  with pytest.raises(ValueError, match=match):
+    load_hf_checkpoint(path)

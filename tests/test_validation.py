@@ -231,3 +231,19 @@ def test_layer_of_an_unstacked_cache():
   with pytest.raises(ValueError, match=r"layer\(i\) needs a stacked cache \(created with "
                                        r"num_layers=...\)"):
     _cache().layer(0)
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (True, TypeError, "got a bool"),
+    (2 ** 31, ValueError, "must fit int32"),
+    (-2 ** 31 - 1, ValueError, "must fit int32"),
+    ([1, 2 ** 40], ValueError, "must fit int32"),
+    (np.array([2 ** 33, 1], np.int64), ValueError, "must fit int32"),
+])
+def test_per_row_integers_never_wrap(bad, error, match):
+  """Lengths and offsets outside int32 (or bools) are refused, not wrapped."""
+  q = jnp.zeros((2, 3, 4, 16), jnp.float32)
+  k = jnp.zeros((2, 5, 2, 16), jnp.float32)
+  for name in ("kv_lengths", "q_offset"):
+    with pytest.raises(error, match=f"{name} must" if error is ValueError else match):
+      gqa_attention(q, k, k, **{name: bad})
