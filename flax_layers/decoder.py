@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_layers.attention import GQAAttention
+from gqa_pallas import reference
 from gqa_pallas.cache import KVCache
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -370,9 +371,7 @@ class Decoder(nn.Module):
       logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                         param_dtype=cfg.params_dtype, precision=self.precision,
                         kernel_init=_INIT, name="lm_head")(x)
-    if cfg.final_logit_soft_cap is not None:
-      cap = jnp.asarray(cfg.final_logit_soft_cap, logits.dtype)
-      logits = cap * jnp.tanh(logits / cap)
+    logits = reference.soft_cap(logits, cfg.final_logit_soft_cap)
     return logits if cache is None else (logits, new_cache)
 
 

@@ -17,6 +17,7 @@ builds on ``visibility_mask``, ``zero_invalid_keys`` and ``softmax_parts``.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -138,6 +139,14 @@ def attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
   lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1)), -jnp.inf)
   lse = jnp.moveaxis(lse[..., 0], -1, 1).reshape(b, t, n).astype(jnp.float32)
   return out, lse
+
+
+def attention_vjp(q, k, v, cotangent, **kwargs):
+  """``(dq, dk, dv)`` of ``attention_reference(q, k, v, **kwargs)`` for ``cotangent`` (the
+  output's, or ``(d_out, d_lse)`` with ``return_lse=True``): JAX's own VJP of the reference,
+  exact but with the ``[B, N, T, S]`` weights in memory."""
+  _, vjp = jax.vjp(functools.partial(attention_reference, **kwargs), q, k, v)
+  return vjp(cotangent)
 
 
 def append_reference(k, v, lengths, overflowed, k_new, v_new, num_new):

@@ -15,9 +15,14 @@ import dataclasses
 import functools
 from typing import Any
 
+import math
+
 import jax
+import jax.numpy as jnp
 
 from gqa_pallas import reference, registry
+
+LOG2_E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +42,17 @@ class Plan:
   @property
   def features(self):
     return dict(sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap)
+
+
+def backward_rows(out, lse, d_out, d_lse):
+  """The per-row inputs flash backward kernels read, ``float32[B, T, N]`` each: the lse in base 2
+  (``+inf`` for rows with no key, so their ``P = exp2(s - lse2)`` is 0, not NaN) and ``delta =
+  rowsum(dO * O) - d_lse`` (the lse's own cotangent folds in here: ``d lse / d s = P``)."""
+  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  if d_lse is not None:
+    delta = delta - d_lse.astype(jnp.float32)
+  return lse2, delta
 
 
 def prefill(q, k, v, q_offset, kv_lengths, plan: Plan):
@@ -85,6 +101,10 @@ class DecodePlan:
   sliding_window: int | None = None
   logits_soft_cap: float | None = None
 
+  @property
+  def features(self):
+    return dict(sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap)
+
 
 def decode(q, k, v, q_offset, lengths, plan: DecodePlan):
   """``plan.backend``'s decode, differentiable in q, k and v.
@@ -101,8 +121,7 @@ def decode(q, k, v, q_offset, lengths, plan: DecodePlan):
 def _decode_forward(plan, q, k, v, q_offset, lengths):
   return plan.backend.decode(q, k, v, q_offset, lengths, scale=plan.scale,
                              return_lse=plan.return_lse, interpret=plan.interpret,
-                             config=plan.config, sliding_window=plan.sliding_window,
-                             logits_soft_cap=plan.logits_soft_cap)
+                             config=plan.config, **plan.features)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -118,12 +137,9 @@ def _decode_bwd(plan, residuals, cotangent):
   q, k, v, q_offset, lengths = residuals
   if q_offset is None:
     q_offset = lengths - q.shape[1]
-  fn = functools.partial(reference.attention_reference, causal=True, q_offset=q_offset,
-                         kv_lengths=lengths, scale=plan.scale, return_lse=plan.return_lse,
-                         sliding_window=plan.sliding_window,
-                         logits_soft_cap=plan.logits_soft_cap)
-  _, vjp = jax.vjp(fn, q, k, v)
-  dq, dk, dv = vjp(cotangent)
+  dq, dk, dv = reference.attention_vjp(q, k, v, cotangent, causal=True, q_offset=q_offset,
+                                       kv_lengths=lengths, scale=plan.scale,
+                                       return_lse=plan.return_lse, **plan.features)
   return dq, dk, dv, None, None
 
 

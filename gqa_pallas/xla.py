@@ -44,11 +44,10 @@ class XlaBackend(registry.Backend):
                   scale, interpret, config, sliding_window=None, logits_soft_cap=None):
     del out, lse, interpret, config
     return_lse = d_lse is not None
-    fn = functools.partial(reference.attention_reference, causal=causal, q_offset=q_offset,
-                           kv_lengths=kv_lengths, scale=scale, return_lse=return_lse,
-                           sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
-    _, vjp = jax.vjp(fn, q, k, v)
-    return vjp((d_out, d_lse) if return_lse else d_out)
+    return reference.attention_vjp(
+        q, k, v, (d_out, d_lse) if return_lse else d_out, causal=causal, q_offset=q_offset,
+        kv_lengths=kv_lengths, scale=scale, return_lse=return_lse,
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
 
   def decode(self, q, k, v, q_offset, lengths, *, scale, return_lse, interpret, config,
              sliding_window=None, logits_soft_cap=None):

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from gqa_pallas import vjp
 from gqa_pallas.mosaic import compat
 from gqa_pallas.mosaic import prefill as fwd
 
@@ -420,18 +421,14 @@ def prefill_attention_bwd(q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse,
   stages = config.stages
   rows_per_chunk = fwd.chunk_rows(g)
   num_tiles = fwd.tiling(g, t)[1]
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  if d_lse is not None:
-    delta = delta - d_lse.astype(jnp.float32)
-  lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * fwd.LOG2_E)
+  lse2, delta = vjp.backward_rows(out, lse, d_out, d_lse)
   # Rows: whole chunks in the interpreter (it refuses out-of-bounds copies), 8-row tiles on the
   # GPU (TMA zero-fills the rest); padding rows hold zeros (they enter dK/dV's sums with P = 0,
   # and 0 * NaN would not vanish). Keys: whole 128-key CTAs in the interpreter, 8-row tiles
   # on the GPU.
   t_pad = fwd._round_up(t, rows_per_chunk if interpret else fwd.MIN_CHUNK_ROWS)  # pylint: disable=protected-access
   s_pad = fwd._round_up(s, CONSUMERS * ROWS if interpret else fwd.MIN_CHUNK_ROWS)  # pylint: disable=protected-access
-  pad_t = lambda x, value=0.: jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)),
-                                      constant_values=value)
+  pad_t = lambda x: jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
   pad_s = lambda x: jnp.pad(x, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
   q_p, do_p = pad_t(q), pad_t(d_out.astype(q.dtype))
   lse2 = _rows_in_chunk_order(lse2, g, kh, jnp.inf)

@@ -19,7 +19,8 @@ Two kernels, neither with atomics, so gradients are bitwise deterministic:
 * ``dq``: one program per (row tile, kv head, batch row), the forward's loop over key blocks
   (the same block skipping), recomputing ``P`` from the lse.
 
-``delta`` is one XLA reduction over ``dO * O`` (no ``[T, S]`` buffer anywhere). Keys at or past
+``delta`` and the base-2 lse are one XLA pass over ``dO * O`` and the lse
+(``vjp.backward_rows``; no ``[T, S]`` buffer anywhere). Keys at or past
 ``kv_lengths[b]`` are loaded as 0, so garbage (NaN) there never reaches a gradient, and their
 ``dK``/``dV`` come out 0; rows with no visible key (lse ``-inf``) give ``P = 0`` and zero
 gradients.
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from gqa_pallas import vjp
 from gqa_pallas.triton import compat as tc
 from gqa_pallas.triton import flash
 
@@ -80,10 +82,10 @@ def _load_row_values(ref, t, g, valid, other):
   return tc.load(ref.at[t, g], mask=valid, other=other)
 
 
-def _probabilities(q, k, lse2, *, qk_scale, soft_cap2):
+def _probabilities(q, k, lse2, *, qk_scale, soft_cap):
   """``P`` of a ``[M, Hp] x [N, Hp]`` tile from the base-2 lse (``+inf`` for empty rows), and
   the soft-cap's ``tanh`` (``None`` without a cap)."""
-  s, th = flash.scores(q, k, qk_scale=qk_scale, soft_cap2=soft_cap2)
+  s, th = flash.scores(q, k, qk_scale=qk_scale, soft_cap=soft_cap)
   return jnp.exp2(s - lse2[:, None]), th
 
 
@@ -93,18 +95,13 @@ def _logit_grad(p, dp, delta, th):
   return ds if th is None else ds * (1. - th * th)
 
 
-def _safe_lse2(lse):
-  # A row with no visible key has lse -inf: shift it by +inf instead, so that its P is 0 and
-  # not exp2(-inf + inf) = NaN.
-  return jnp.where(lse == -jnp.inf, jnp.inf, lse * flash.LOG2_E)
-
-
-def _dkdv_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+def _dkdv_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
                  dk_ref, dv_ref, *, scale, causal, block_m, block_n, head_dim, group_size,
                  q_len, window, soft_cap):
   """One (key block, kv head, batch row).
 
-  Refs: q, do ``[T, G, Hp]``; k, v, dk, dv ``[S, Hp]``; lse, delta ``[T, G]``.
+  Refs: q, do ``[T, G, Hp]``; k, v, dk, dv ``[S, Hp]``; lse2, delta ``[T, G]``
+  (``vjp.backward_rows``).
   """
   j = pl.program_id(0)  # key block 0 is seen by the most rows: the heaviest programs first
   b = pl.program_id(2)
@@ -115,11 +112,7 @@ def _dkdv_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_
   head_dim_p = k_ref.shape[-1]
   d = lax.broadcasted_iota(jnp.int32, (1, head_dim_p), 1)
   start = j * block_n
-  key = start + lax.broadcasted_iota(jnp.int32, (block_n,), 0)
-  key_valid = key < kv_len
-  kv_mask = key_valid[:, None] & (d < head_dim)
-  k = tc.load(k_ref.at[pl.ds(start, block_n), :], mask=kv_mask, other=0.)
-  v = tc.load(v_ref.at[pl.ds(start, block_n), :], mask=kv_mask, other=0.)
+  key, k, v = flash.load_key_block(k_ref, v_ref, start, block_n, kv_len, head_dim, masked=True)
 
   # Row tiles [lo, hi) hold a row that sees a key of the block; in [full_lo, full_hi) every row
   # sees every key (positions grow with the row).
@@ -140,16 +133,15 @@ def _dkdv_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_
   full_hi = jnp.clip(full_hi, full_lo, hi)
   full_hi = jnp.where(start + block_n > kv_len, full_lo, full_hi)  # the block crosses the length
   qk_scale = scale * flash.LOG2_E
-  soft_cap2 = None if soft_cap is None else soft_cap * flash.LOG2_E
 
   def step(i, carry, masked):
     dk, dv = carry
     t, g, valid = flash.tile_rows(i * block_m, block_m, group_size, num_rows)
     q = flash.load_rows(q_ref, t, g, valid, head_dim)
     do = flash.load_rows(do_ref, t, g, valid, head_dim)
-    lse2 = _safe_lse2(_load_row_values(lse_ref, t, g, valid, -jnp.inf))
+    lse2 = _load_row_values(lse2_ref, t, g, valid, jnp.inf)
     delta = _load_row_values(delta_ref, t, g, valid, 0.)
-    p, th = _probabilities(q, k, lse2, qk_scale=qk_scale, soft_cap2=soft_cap2)
+    p, th = _probabilities(q, k, lse2, qk_scale=qk_scale, soft_cap=soft_cap)
     if masked:
       visible = flash.visible(key, q_offset + t, kv_len, causal=causal, window=window)
       p = jnp.where(visible, p, 0.)
@@ -161,16 +153,14 @@ def _dkdv_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_
     return dk, dv
 
   zeros = jnp.zeros((block_n, head_dim_p), jnp.float32)
-  carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), (zeros, zeros))
-  carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-  dk, dv = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+  dk, dv = flash.run_blocks(step, (lo, full_lo, full_hi, hi), (zeros, zeros))
   store_mask = (key < k_ref.shape[0])[:, None] & (d < head_dim)
   tc.store(dk_ref.at[pl.ds(start, block_n), :], (dk * scale).astype(dk_ref.dtype),
            mask=store_mask)
   tc.store(dv_ref.at[pl.ds(start, block_n), :], dv.astype(dv_ref.dtype), mask=store_mask)
 
 
-def _dq_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+def _dq_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref,
                dq_ref, *, scale, causal, block_m, block_n, head_dim, group_size, q_len, window,
                soft_cap):
   """One (row tile, kv head, batch row); refs as in ``_dkdv_kernel``, dq ``[T, G, Hp]``."""
@@ -180,29 +170,24 @@ def _dq_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_re
   kv_len = kv_lengths_ref[b]
   num_rows = q_len * group_size
   head_dim_p = k_ref.shape[-1]
-  d = lax.broadcasted_iota(jnp.int32, (1, head_dim_p), 1)
   first_row = tile * block_m
   t, g, valid = flash.tile_rows(first_row, block_m, group_size, num_rows)
   q = flash.load_rows(q_ref, t, g, valid, head_dim)
   do = flash.load_rows(do_ref, t, g, valid, head_dim)
-  lse2 = _safe_lse2(_load_row_values(lse_ref, t, g, valid, -jnp.inf))
+  lse2 = _load_row_values(lse2_ref, t, g, valid, jnp.inf)
   delta = _load_row_values(delta_ref, t, g, valid, 0.)
   row_pos = q_offset + t
 
   first_pos = q_offset + first_row // group_size
   last_pos = q_offset + (jnp.minimum(first_row + block_m, num_rows) - 1) // group_size
-  lo, full_lo, full_hi, hi = flash.block_ranges(first_pos, last_pos, kv_len, block_n,
-                                                causal=causal, window=window)
+  blocks = flash.block_ranges(first_pos, last_pos, kv_len, block_n, causal=causal,
+                              window=window)
   qk_scale = scale * flash.LOG2_E
-  soft_cap2 = None if soft_cap is None else soft_cap * flash.LOG2_E
 
   def step(i, dq, masked):
-    start = i * block_n
-    key = start + lax.broadcasted_iota(jnp.int32, (block_n,), 0)
-    mask = (key < kv_len)[:, None] & (d < head_dim)
-    k = tc.load(k_ref.at[pl.ds(start, block_n), :], mask=mask, other=0.)
-    v = tc.load(v_ref.at[pl.ds(start, block_n), :], mask=mask, other=0.)
-    p, th = _probabilities(q, k, lse2, qk_scale=qk_scale, soft_cap2=soft_cap2)
+    key, k, v = flash.load_key_block(k_ref, v_ref, i * block_n, block_n, kv_len, head_dim,
+                                     masked)
+    p, th = _probabilities(q, k, lse2, qk_scale=qk_scale, soft_cap=soft_cap)
     if masked:
       visible = flash.visible(key, row_pos, kv_len, causal=causal, window=window)
       p = jnp.where(visible, p, 0.)
@@ -211,10 +196,7 @@ def _dq_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse_re
       ds = jnp.where(visible, ds, 0.)
     return dq + flash._dot(ds.astype(k.dtype), k)  # pylint: disable=protected-access
 
-  dq = jnp.zeros((block_m, head_dim_p), jnp.float32)
-  dq = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), dq)
-  dq = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), dq)
-  dq = lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), dq)
+  dq = flash.run_blocks(step, blocks, jnp.zeros((block_m, head_dim_p), jnp.float32))
   flash.store_rows(dq_ref, dq * scale, t, g, valid, head_dim)
 
 
@@ -232,12 +214,10 @@ def prefill_attention_bwd(q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse,
   head_dim_p = flash.padded_head_dim(h)
   block_m = config.block_m
   block_n = min(config.block_n, max(16, pl.next_power_of_2(s)))
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  if d_lse is not None:
-    delta = delta - d_lse.astype(jnp.float32)
+  lse2, delta = vjp.backward_rows(out, lse, d_out, d_lse)
   q5 = q.reshape(b, t, kh, g, h)  # free: the group's heads are adjacent in memory
   do5 = d_out.astype(q.dtype).reshape(b, t, kh, g, h)
-  lse4, delta4 = lse.reshape(b, t, kh, g), delta.reshape(b, t, kh, g)
+  lse4, delta4 = lse2.reshape(b, t, kh, g), delta.reshape(b, t, kh, g)
   kw = dict(scale=scale, causal=causal, block_m=block_m, block_n=block_n, head_dim=h,
             group_size=g, q_len=t, window=sliding_window, soft_cap=logits_soft_cap)
   rows_spec = pl.BlockSpec((b,), lambda *_: (0,))  # per-row scalars: the whole [B] vector

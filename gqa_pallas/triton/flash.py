@@ -105,15 +105,41 @@ def _dot(a, b):
   return tc.dot(a, b, precision=precision)
 
 
-def scores(q, k, *, qk_scale: float, soft_cap2: float | None):
+def scores(q, k, *, qk_scale: float, soft_cap: float | None):
   """Base-2 logits ``[M, N]`` of ``q [M, Hp]`` and ``k [N, Hp]``: ``scale * log2(e) * q k^T``,
-  soft-capped (``soft_cap2`` is the cap times ``log2(e)``, so the cap applies in natural units).
-  Also returns ``tanh`` of the capped argument (``None`` without a cap) for the backward."""
+  soft-capped (the cap is in natural units, so in base 2 it is ``soft_cap * log2(e)``). Also
+  returns ``tanh`` of the capped argument (``None`` without a cap) for the backward."""
   s = _dot(q, k.T) * qk_scale
-  if soft_cap2 is None:
+  if soft_cap is None:
     return s, None
-  th = jnp.tanh(s / soft_cap2)
-  return soft_cap2 * th, th
+  cap2 = soft_cap * LOG2_E
+  th = jnp.tanh(s / cap2)
+  return cap2 * th, th
+
+
+def load_key_block(k_ref, v_ref, start, block_k: int, kv_len, head_dim: int, masked: bool):
+  """Keys ``[start, start + block_k)``: their indices and the K/V tiles ``[block_k, Hp]``. A
+  masked block loads slots at or past ``kv_len`` as 0 (garbage, NaN included, never enters);
+  an unmasked one lies below ``kv_len`` and only pays for the head-dim padding."""
+  head_dim_p = k_ref.shape[-1]
+  key = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  mask = (key < kv_len)[:, None] if masked else None
+  if head_dim != head_dim_p:
+    head_mask = lax.broadcasted_iota(jnp.int32, (1, head_dim_p), 1) < head_dim
+    mask = head_mask if mask is None else mask & head_mask
+  other = None if mask is None else 0.
+  k = tc.load(k_ref.at[pl.ds(start, block_k), :], mask=mask, other=other)
+  v = tc.load(v_ref.at[pl.ds(start, block_k), :], mask=mask, other=other)
+  return key, k, v
+
+
+def run_blocks(step, blocks, carry):
+  """``step(i, carry, masked)`` over ``blocks = (lo, full_lo, full_hi, hi)``: masked, unmasked
+  (every row sees every key), masked."""
+  lo, full_lo, full_hi, hi = blocks
+  carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+  carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+  return lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
 
 
 def visible(key, row_pos, kv_len, *, causal: bool, window: int | None):
@@ -162,21 +188,11 @@ def attend(q, k_ref, v_ref, row_pos, kv_len, *, blocks, block_k: int, qk_scale: 
   for rows that saw no key).
   """
   block_m, head_dim_p = q.shape
-  d = lax.broadcasted_iota(jnp.int32, (1, head_dim_p), 1)
-  head_mask = d < head_dim if head_dim != head_dim_p else None
-  soft_cap2 = None if soft_cap is None else soft_cap * LOG2_E
 
   def step(i, carry, masked):
     acc, m_prev, l_prev = carry
-    start = i * block_k
-    key = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-    mask = (key < kv_len)[:, None] if masked else None
-    if head_mask is not None:
-      mask = head_mask if mask is None else mask & head_mask
-    other = None if mask is None else 0.
-    k = tc.load(k_ref.at[pl.ds(start, block_k), :], mask=mask, other=other)
-    v = tc.load(v_ref.at[pl.ds(start, block_k), :], mask=mask, other=other)
-    s, _ = scores(q, k, qk_scale=qk_scale, soft_cap2=soft_cap2)
+    key, k, v = load_key_block(k_ref, v_ref, i * block_k, block_k, kv_len, head_dim, masked)
+    s, _ = scores(q, k, qk_scale=qk_scale, soft_cap=soft_cap)
     if masked:
       s = jnp.where(visible(key, row_pos, kv_len, causal=causal, window=window), s, -jnp.inf)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -189,13 +205,10 @@ def attend(q, k_ref, v_ref, row_pos, kv_len, *, blocks, block_k: int, qk_scale: 
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
     return acc, m_next, l_next
 
-  lo, full_lo, full_hi, hi = blocks
   carry = (jnp.zeros((block_m, head_dim_p), jnp.float32),
            jnp.full((block_m,), -jnp.inf, jnp.float32),
            jnp.zeros((block_m,), jnp.float32))
-  carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
-  carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-  return lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+  return run_blocks(step, blocks, carry)
 
 
 def finalize(acc, m, l):
