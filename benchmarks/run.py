@@ -77,9 +77,11 @@ def _rel_err(out, ref):
   return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def _backends(op, dims, dtype):
-  """(the default backend's name, the Pallas backends that run this shape on this device)."""
-  problem = registry.Problem(op, dims, jnp.dtype(dtype).name, device=devices.current())
+def _backends(op, dims, dtype, **features):
+  """(the default backend's name, the Pallas backends that run this shape on this device);
+  ``features``: ``sliding_window`` / ``logits_soft_cap`` of the ``registry.Problem``."""
+  problem = registry.Problem(op, dims, jnp.dtype(dtype).name, device=devices.current(),
+                             **features)
   default = registry.resolve(None, problem).name
   names = [n for n in gp.IMPLEMENTATIONS
            if n != "xla" and op in registry.get(n).ops
@@ -192,12 +194,8 @@ def bench_window(iterations: int, rows, dtype=jnp.bfloat16):
     k, v = common.rand(ks[1], (b, s, kh, h), dtype), common.rand(ks[2], (b, s, kh, h), dtype)
     seen = sum(min(t + 1, w) for t in range(s))  # keys each row sees, summed
     flops = 4 * b * n * h * seen
-    default, backends = _backends("prefill", AttentionDims(b, s, s, n, kh, h), dtype)
-    problem = registry.Problem("prefill", AttentionDims(b, s, s, n, kh, h),
-                               jnp.dtype(dtype).name, device=devices.current(),
-                               sliding_window=w)
-    default = registry.resolve(None, problem).name
-    backends = [x for x in backends if registry.get(x).unsupported(problem) is None]
+    default, backends = _backends("prefill", AttentionDims(b, s, s, n, kh, h), dtype,
+                                  sliding_window=w)
     row = _Row("tflops", flops, kind="window_prefill", B=b, S=s, N=n, K=kh, H=h, window=w,
                dtype=jnp.dtype(dtype).name, flops=flops, ours_backend=default)
     for name in backends:
@@ -359,13 +357,13 @@ def bench_backward(sweep: bool, iterations: int, rows, dtype=jnp.bfloat16):
     row.best_of("pl-triton", "pl-triton")
     del kr, vr
     # The backward kernels alone (the forward's residuals computed once, untimed).
+    kv_lengths = jnp.full((b,), s, jnp.int32)
+    q_offset = jnp.zeros((b,), jnp.int32)
+    out, lse = gp.gqa_attention(q, k, v, return_lse=True)
     for name in dict.fromkeys(row["backward_of"].values()):
       backend = registry.get(name)
       if "prefill_bwd" not in backend.ops or name == "xla":
         continue
-      kv_lengths = jnp.full((b,), s, jnp.int32)
-      q_offset = jnp.zeros((b,), jnp.int32)
-      out, lse = gp.gqa_attention(q, k, v, return_lse=True)
       configs = [None] + (BACKWARD_SWEEP if sweep and s == 8192 else [])
       for cfg in configs:
         cfg_run = cfg or backend.default_config(registry.backward_problem(problem))

@@ -74,9 +74,12 @@ _MISSING = object()
 
 
 def _number(hf, key, source, kind, default=_MISSING):
-  """``hf[key]`` as a positive ``int`` / ``float``; missing or mistyped is a ``ValueError``
-  naming the file, the field and what it takes."""
-  value = hf.get(key, default) if default is not _MISSING else hf.get(key, _MISSING)
+  """``hf[key]`` as a positive ``int`` / ``float``; absent or null takes ``default``. Missing
+  (without a default) or mistyped is a ``ValueError`` naming the file, the field and what it
+  takes."""
+  value = hf.get(key)
+  if value is None:
+    value = default
   if value is _MISSING:
     raise ValueError(f"{source}: missing field {key!r} (a positive {kind.__name__}).")
   ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0 and (
@@ -179,10 +182,9 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype=None, param_dtype=None, scan_
     _refuse(source, f"sliding_window must be a positive int or null; got {window!r}.")
 
   num_heads = _number(hf, "num_attention_heads", source, int)
-  num_kv_heads = _number(hf, "num_key_value_heads", source, int,
-                         default=hf.get("num_key_value_heads") or num_heads)
-  head_dim = _number(hf, "head_dim", source, int, default=hf.get("head_dim") or (
-      _number(hf, "hidden_size", source, int) // num_heads))
+  num_kv_heads = _number(hf, "num_key_value_heads", source, int, default=num_heads)
+  head_dim = _number(hf, "head_dim", source, int,
+                     default=_number(hf, "hidden_size", source, int) // num_heads)
   if family == "qwen2":
     qkv_bias, out_bias = True, False
   elif family in ("llama", "gemma2"):
@@ -398,8 +400,10 @@ def load_hf_checkpoint(path, *, dtype=None, param_dtype=None, scan_layers: bool 
     ``(config, params)`` for ``Decoder(config).apply({"params": params}, tokens)``.
 
   Raises:
-    UnsupportedCheckpointError (a ValueError): another architecture, RoPE scaling, layers
-      mixing sliding-window and full attention, a non-SiLU MLP, quantization. ValueError: missing, unexpected or misshapen tensors.
+    UnsupportedCheckpointError (a ValueError): another architecture, RoPE scaling, an MLP
+      activation the family does not use, quantization, mixed sliding/full layers under
+      ``scan_layers``. ValueError: broken files, missing or mistyped config fields, missing,
+      unexpected or misshapen tensors.
     FileNotFoundError: no config.json or no safetensors files.
   """
   path = os.fspath(path)

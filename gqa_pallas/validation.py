@@ -75,15 +75,16 @@ def check_per_row(name: str, x, batch: int):
   if isinstance(x, (int, np.integer)):
     _check_int32_range(name, x)
     return jnp.full((batch,), x, jnp.int32)
-  if not hasattr(x, "dtype"):
+  if not hasattr(x, "dtype"):  # a list or tuple: NumPy sees its values
     x = np.asarray(x)
-    if x.dtype == object or jnp.issubdtype(x.dtype, jnp.integer):
-      _check_int32_range(name, x.astype(np.int64) if x.dtype == object else x)
+    if x.dtype == object:  # Python ints beyond int64
+      _check_int32_range(name, x)
       x = x.astype(np.int64)
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise TypeError(f"{name} must be an integer array int32[{batch}]; got dtype {x.dtype}.")
-  if isinstance(x, np.ndarray) or (jnp.dtype(x.dtype).itemsize > 4 or jnp.dtype(
-      x.dtype) == jnp.uint32) and not isinstance(x, _Tracer):
+  # Only dtypes wider than int32 can hold values outside it; they are known unless traced.
+  wide = jnp.dtype(x.dtype).itemsize > 4 or jnp.dtype(x.dtype) == jnp.uint32
+  if wide and not isinstance(x, _Tracer):
     _check_int32_range(name, x)
   x = jnp.asarray(x)
   if x.ndim == 0:

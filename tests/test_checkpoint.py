@@ -168,3 +168,13 @@ def test_broken_checkpoints_name_the_file_and_field(tiny, tmp_path, broken, matc
     (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
   with pytest.raises(ValueError, match=match):
     load_hf_checkpoint(path)
+
+
+def test_null_optional_fields_take_their_defaults():
+  """transformers writes ``"head_dim": null`` (Mistral) and may write other optional fields as
+  null: they take the documented defaults, as when absent."""
+  from flax_layers.checkpoint import config_from_hf  # pylint: disable=g-import-not-at-top
+  cfg = config_from_hf(hf_config(head_dim=None, num_key_value_heads=None, rms_norm_eps=None,
+                                 max_position_embeddings=None))
+  assert cfg.head_dim == 32 // 4 and cfg.num_kv_heads == cfg.num_heads == 4
+  assert cfg.rms_norm_eps == 1e-6 and cfg.max_position_embeddings == 2048
