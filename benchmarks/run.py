@@ -364,7 +364,7 @@ def bench_backward(sweep: bool, iterations: int, rows, dtype=jnp.bfloat16):
       backend = registry.get(name)
       if "prefill_bwd" not in backend.ops or name == "xla":
         continue
-      configs = [None] + (BACKWARD_SWEEP if sweep and s == 8192 else [])
+      configs = [None] + (BACKWARD_SWEEP if sweep and s == 8192 and name == "triton" else [])
       for cfg in configs:
         cfg_run = cfg or backend.default_config(registry.backward_problem(problem))
         label = f"{name}-bwd" + ("" if cfg is None else

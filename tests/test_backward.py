@@ -6,6 +6,7 @@ Pallas backend that implements ``prefill_bwd``: on this CPU through the kernel's
 ratio class, head dims 64/128 and padded ones, all dtypes), and compiled on a GPU at realistic
 sizes (``-m gpu``) with the determinism and memory checks.
 """
+import dataclasses
 import functools
 import zlib
 
@@ -31,6 +32,14 @@ EXTRA_CPU_CASES = [
     (1, 70, 70, 8, 2, 128, BF16, None, None, True),
     (2, 24, 40, 6, 2, 64, F32, [40, 17], [30, 60], True),
     (1, 5, 100, 4, 1, 64, F16, [99], [94], True),
+]
+
+# What a backend with a slow interpreter (Mosaic GPU's) runs on this CPU instead of the grid.
+SLOW_INTERPRETER_CASES = [
+    (1, 50, 77, 8, 2, 64, BF16, [70], None, True),      # G=4, T < S, tails, NaN past the length
+    (1, 20, 70, 7, 1, 64, F16, [60], [45], True),       # G=7: chunks across tiles, offsets
+    (1, 90, 60, 4, 2, 64, BF16, [41], None, False),     # G=2, non-causal, ragged
+    (1, 136, 100, 2, 2, 128, F16, None, None, True),    # G=1, T > S (empty rows), H=128
 ]
 
 
@@ -69,12 +78,14 @@ def check_gradients(name, case, interpret):
   return grads[0]
 
 
-def _params(cases, tier):
-  return [p for p in backend_cases.params("prefill_bwd", cases, tier, _dims, _case_id)
+def _params(cases, tier, slow_cases=()):
+  return [p for p in backend_cases.params("prefill_bwd", cases, tier, _dims, _case_id,
+                                          slow_cases)
           if p.values[0] in BACKWARD_BACKENDS]
 
 
-@pytest.mark.parametrize("name,case", _params(CPU_CASES + RANDOM_CASES + EXTRA_CPU_CASES, "cpu"))
+@pytest.mark.parametrize("name,case", _params(CPU_CASES + RANDOM_CASES + EXTRA_CPU_CASES, "cpu",
+                                             SLOW_INTERPRETER_CASES))
 def test_gradient_parity_cpu(name, case):
   check_gradients(name, case, interpret=True)
 
@@ -95,20 +106,29 @@ def test_backward_runs_the_kernels(name):
 @pytest.mark.parametrize("name", BACKWARD_BACKENDS)
 def test_rows_without_keys_get_zero_gradients(name):
   """Rows that see no key (T > S leading rows, a zero-length row) give exactly zero dq."""
-  case = (2, 30, 9, 4, 2, 64, F32, [9, 0], None, True)
+  dims = AttentionDims(2, 30, 9, 4, 2, 64)
+  case = (2, 30, 9, 4, 2, 64, backend_cases.first_dtype(name, "prefill_bwd", dims, (F32, BF16)),
+          [9, 0], None, True)
   dq, dk, dv = check_gradients(name, case, interpret=True)
   dq = np.asarray(dq)
   assert not np.any(dq[1]) and not np.any(dq[0, :21])
   assert not np.any(np.asarray(dk)[1]) and not np.any(np.asarray(dv)[1])
 
 
-def test_mosaic_forward_pairs_with_a_backward_kernel():
-  """On sm90 the Mosaic forward (no backward of its own) is paired with the Triton backward."""
+def test_each_forward_pairs_with_a_backward_kernel():
+  """On sm90 the Mosaic forward runs its own backward; a forward it refuses (a window) runs on
+  Triton with the Triton backward; an explicit Triton forward keeps the Triton backward."""
   if "mosaic" not in gp.IMPLEMENTATIONS:
     pytest.skip("no Mosaic GPU backend")
   problem = registry.Problem("prefill", AttentionDims(1, 64, 64, 8, 2, 128), "bfloat16",
                              device=devices.H200)
-  assert registry.resolve_backward(registry.get("mosaic"), problem).name == "triton"
+  mosaic, triton = registry.get("mosaic"), registry.get("triton")
+  assert registry.resolve(None, problem) is mosaic
+  assert registry.resolve_backward(mosaic, problem) is mosaic
+  assert registry.resolve_backward(triton, problem) is triton
+  windowed = dataclasses.replace(problem, sliding_window=16)
+  assert registry.resolve(None, windowed) is triton
+  assert registry.resolve_backward(triton, windowed) is triton
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -230,69 +250,10 @@ def _train_losses(implementation, interpret, steps=4):
   return np.array(losses)
 
 
-@pytest.mark.parametrize("name", BACKWARD_BACKENDS)
+@pytest.mark.parametrize("name", [n for n in BACKWARD_BACKENDS if backend_cases.runs(
+    n, "prefill_bwd", AttentionDims(2, 12, 12, 4, 2, 16), F32, "cpu")])
 def test_training_loss_curve_matches_xla(name):
   kernels = _train_losses(name, interpret=True)
   xla = _train_losses("xla", interpret=False)
   assert kernels[-1] < kernels[0]  # it trains
   np.testing.assert_allclose(kernels, xla, rtol=2e-4)
-
-
-# ---------------------------------------------------------------------------------------------
-# The Mosaic GPU backward (not in the registry yet: interpreter and CUDA lowering only).
-
-MOSAIC_BWD_CASES = [
-    (1, 50, 77, 8, 2, 64, BF16, [70], None, True),      # G=4, T < S, tails, NaN past the length
-    (1, 20, 70, 7, 1, 64, F16, [60], [45], True),       # G=7: chunks across tiles, offsets
-    (1, 90, 60, 4, 2, 64, BF16, [41], None, False),     # G=2, non-causal, ragged
-    (1, 136, 100, 2, 2, 128, F16, None, None, True),    # G=1, T > S (empty rows), H=128
-]
-
-
-def _mosaic_backward():
-  if "mosaic" not in gp.IMPLEMENTATIONS:
-    pytest.skip("no Mosaic GPU backend")
-  from gqa_pallas.mosaic import backward  # pylint: disable=g-import-not-at-top
-  return backward
-
-
-@pytest.mark.parametrize("case", MOSAIC_BWD_CASES, ids=_case_id)
-def test_mosaic_backward_interpreter(case):
-  mb = _mosaic_backward()
-  (q, k, v), kw, w = _inputs(case)
-  b, t, s = case[:3]
-  kv_lengths = jnp.full((b,), s, jnp.int32) if kw["kv_lengths"] is None else kw["kv_lengths"]
-  q_offset = kv_lengths - t if kw["q_offset"] is None else kw["q_offset"]
-  out, lse = gp.attention_reference(q, k, v, return_lse=True, causal=kw["causal"],
-                                    q_offset=q_offset, kv_lengths=kv_lengths)
-  d_lse = jnp.where(jnp.isfinite(lse), jnp.cos(jnp.arange(lse.size, dtype=F32).reshape(
-      lse.shape)), 0.)
-  got = mb.prefill_attention_bwd(q, k, v, q_offset, kv_lengths, out, lse, w.astype(q.dtype),
-                                 d_lse, causal=kw["causal"], scale=case[5] ** -0.5,
-                                 interpret=True, config=mb.MosaicBackwardConfig())
-
-  def loss(q, k, v, compute_dtype=F32):
-    o, l = gp.attention_reference(q, k, v, return_lse=True, causal=kw["causal"],
-                                  q_offset=q_offset, kv_lengths=kv_lengths,
-                                  compute_dtype=compute_dtype)
-    return jnp.sum(o.astype(F32) * w.astype(q.dtype).astype(F32)) + jnp.sum(
-        jnp.where(jnp.isfinite(l), l, 0.) * d_lse)
-
-  ref = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-  ref_d = jax.grad(functools.partial(loss, compute_dtype=q.dtype), argnums=(0, 1, 2))(q, k, v)
-  for label, a, r, r_d in zip(("dq", "dk", "dv"), got, ref, ref_d):
-    numerics.assert_parity(a, r, r_d, factor=3.0, name=label)
-
-
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("head_dim,dtype", [(64, BF16), (128, F16)])
-def test_mosaic_backward_lowers_for_cuda(head_dim, dtype, causal):
-  mb = _mosaic_backward()
-  q = jax.ShapeDtypeStruct((2, 70, 14, head_dim), dtype)
-  k = jax.ShapeDtypeStruct((2, 90, 2, head_dim), dtype)
-  rows = jax.ShapeDtypeStruct((2,), jnp.int32)
-  lse = jax.ShapeDtypeStruct((2, 70, 14), F32)
-  f = functools.partial(mb.prefill_attention_bwd, causal=causal, scale=0.1, interpret=False,
-                        config=mb.MosaicBackwardConfig())
-  text = numerics.lower_for_cuda(f, q, k, k, rows, rows, q, lse, q, lse)
-  assert "mosaic_gpu" in text

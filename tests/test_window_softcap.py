@@ -163,17 +163,37 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
-@pytest.mark.parametrize("name", backend_cases.implementing("decode"))
-def test_decode_parity_cpu(name, case):
+# Long caches on the GPU: a 4k window over 32k (the benchmark's shape, smaller batch), a window
+# that ends mid-block, a row shorter than its window.
+GPU_DECODE_CASES = [
+    (2, 1, 32768, 32, 8, 128, BF16, [32768, 20001], 4096, None),
+    (3, 2, 9000, 14, 2, 64, F16, [9000, 4097, 700], 1000, 30.0),
+]
+
+
+def _check_decode(name, case, interpret):
   b, t, s, n, kh, h, dtype, lens, win, cap = case
   q, k, v = numerics.random_qkv(3, b, t, s, n, kh, h, dtype, jnp.array(lens))
   q = (q.astype(F32) * 3).astype(dtype)
   lengths = jnp.array(lens, jnp.int32)
-  out, lse = gp.gqa_decode(q, gp.KVCache(k, v, lengths), implementation=name, interpret=True,
-                           return_lse=True, sliding_window=win, logits_soft_cap=cap)
+  out, lse = gp.gqa_decode(q, gp.KVCache(k, v, lengths), implementation=name,
+                           interpret=interpret, return_lse=True, sliding_window=win,
+                           logits_soft_cap=cap)
   numerics.check_against_reference(out, lse, q, k, v, factor=3.0, causal=True,
                                    kv_lengths=lengths, sliding_window=win, logits_soft_cap=cap)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+@pytest.mark.parametrize("name", backend_cases.implementing("decode"))
+def test_decode_parity_cpu(name, case):
+  _check_decode(name, case, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_DECODE_CASES, ids=str)
+@pytest.mark.parametrize("name", backend_cases.implementing("decode"))
+def test_decode_parity_gpu(name, case):
+  _check_decode(name, case, interpret=False)
 
 
 def test_lowers_for_cuda_with_window_and_cap():

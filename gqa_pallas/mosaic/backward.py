@@ -1,10 +1,10 @@
-"""Flash-attention backward for causal GQA on Hopper, in Pallas Mosaic GPU (wgmma + TMA).
+"""Flash-attention backward for GQA on Hopper, in Pallas Mosaic GPU (wgmma + TMA).
 
-Not wired into the registry yet: it runs in Mosaic GPU's interpreter and lowers for CUDA, but it
-has not been measured or checked on a GPU (the Triton backward is what runs). Layouts and
-semantics are those of ``gqa_pallas.triton.backward``: with ``P = exp2(scale * log2(e) * Q K^T -
-lse2)`` (``lse2`` the forward's lse in base 2, ``+inf`` for rows with no key, so their ``P`` is 0)
-and ``delta = rowsum(dO * O) - d_lse``:
+The ``"mosaic"`` backend's ``prefill_bwd`` (sm90; bf16/fp16, head dims 64 and 128, no window or
+soft-cap: the Triton backward takes those). Layouts and semantics are those of
+``gqa_pallas.triton.backward``: with ``P = exp2(scale * log2(e) * Q K^T - lse2)`` (``lse2`` the
+forward's lse in base 2, ``+inf`` for rows with no key, so their ``P`` is 0) and
+``delta = rowsum(dO * O) - d_lse``:
 
     dV = P^T dO        dS = P * (dO V^T - delta)        dK = scale * dS^T Q        dQ = scale * dS K
 
@@ -62,6 +62,17 @@ class MosaicBackwardConfig:
   def __post_init__(self):
     if not isinstance(self.stages, int) or self.stages < 2:
       raise ValueError(f"MosaicBackwardConfig.stages must be an int >= 2; got {self.stages!r}.")
+
+
+# (head dim, dtype name) -> config; any device without a table of its own takes this one. Two
+# stages: three were no faster on the H200 at H128 and slower at H64 (benchmarks/NOTES.md).
+HEURISTIC_TABLE = {(h, dt): MosaicBackwardConfig(stages=2)
+                   for h in fwd.HEAD_DIMS for dt in fwd.DTYPES}
+TUNING_TABLES: dict[str, dict[tuple[int, str], MosaicBackwardConfig]] = {}
+
+
+def default_config(head_dim: int, dtype: str, device_kind: str) -> MosaicBackwardConfig:
+  return TUNING_TABLES.get(device_kind, HEURISTIC_TABLE)[(head_dim, jnp.dtype(dtype).name)]
 
 
 def _layout(x, lay, interpret):
@@ -458,14 +469,14 @@ def prefill_attention_bwd(q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse,
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
   ]
 
-  def dq_body(qo_ref, kvl_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kt_ref, vt_ref,
+  def gqa_prefill_dq(qo_ref, kvl_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kt_ref, vt_ref,
               dq_ref):
     pl.run_scoped(lambda *refs: _dq_kernel(
         qo_ref, kvl_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kt_ref, vt_ref, dq_ref,
         refs, num_tiles=num_tiles, **kw), *dq_scratch, collective_axes="wg")
 
   dq = plgpu.kernel(
-      dq_body, out_type=jax.ShapeDtypeStruct((b, t_pad, n, h), dtype),
+      gqa_prefill_dq, out_type=jax.ShapeDtypeStruct((b, t_pad, n, h), dtype),
       grid=(kh, num_tiles, b), grid_names=("kv_head", "tile", "b"), **params,
   )(q_offset, kv_lengths, q_p, do_p, lse2, delta, k_p, v_p, kt, vt)
 
@@ -481,7 +492,7 @@ def prefill_attention_bwd(q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse,
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
   ]
 
-  def dkdv_body(qo_ref, kvl_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kt_ref,
+  def gqa_prefill_dkdv(qo_ref, kvl_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kt_ref,
                 vt_ref, dk_ref, dv_ref):
     pl.run_scoped(lambda *refs: _dkdv_kernel(
         qo_ref, kvl_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, kt_ref, vt_ref, dk_ref,
@@ -489,7 +500,7 @@ def prefill_attention_bwd(q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse,
 
   kv_type = jax.ShapeDtypeStruct((b, s_pad, kh, h), k.dtype)
   dk, dv = plgpu.kernel(
-      dkdv_body, out_type=[kv_type, kv_type],
+      gqa_prefill_dkdv, out_type=[kv_type, kv_type],
       grid=(kh, pl.cdiv(s, CONSUMERS * ROWS), b), grid_names=("kv_head", "keys", "b"), **params,
   )(q_offset, kv_lengths, q_p, do_p, lse2, delta, k_p, v_p, kt, vt)
   return dq[:, :t], dk[:, :s], dv[:, :s]
