@@ -22,6 +22,12 @@ import numpy as np
 
 from gqa_pallas import IMPLEMENTATIONS, devices, registry, selfcheck
 
+
+
+class UsageError(Exception):
+  """A mistake in the command line (printed as one line, exit status 2)."""
+
+
 _DEMO_MODEL = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=4,
                    num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
 
@@ -31,12 +37,12 @@ def _resolve_backend(args):
   impl = None if args.implementation == "auto" else args.implementation
   interpret = bool(args.interpret)
   if interpret and impl == "xla":
-    raise SystemExit("--interpret runs the Pallas kernels; it cannot be combined with "
+    raise UsageError("--interpret runs the Pallas kernels; it cannot be combined with "
                      "--implementation xla.")
   if impl is None:
     impl = registry.preference(devices.current(), interpret)[0]
   if impl != "xla" and not interpret and not devices.on_gpu():
-    raise SystemExit(f"--implementation {impl} needs a GPU; on CPU add --interpret to run the "
+    raise UsageError(f"--implementation {impl} needs a GPU; on CPU add --interpret to run the "
                      "kernels in interpret mode.")
   return impl, interpret
 
@@ -164,7 +170,7 @@ def _parse_ids(text):
   try:
     return [int(x) for x in text.replace(",", " ").split()]
   except ValueError as e:
-    raise SystemExit(f"--prompt-ids takes integers separated by spaces or commas; got {text!r}.") \
+    raise UsageError(f"--prompt-ids takes integers separated by spaces or commas; got {text!r}.") \
         from e
 
 
@@ -192,7 +198,7 @@ def cmd_generate(args) -> int:
 
   if args.prompt:
     if tokenizer is None:
-      raise SystemExit("--prompt needs a checkpoint directory with tokenizer.json and the "
+      raise UsageError("--prompt needs a checkpoint directory with tokenizer.json and the "
                        "'tokenizers' package; pass token ids with --prompt-ids instead.")
     prompts = [tokenizer.encode(p).ids for p in args.prompt]
   elif args.prompt_ids:
@@ -203,7 +209,7 @@ def cmd_generate(args) -> int:
                for _ in range(args.batch)]
     print(f"no prompt given: {len(prompts)} random prompts", file=sys.stderr)
   if any(len(p) == 0 for p in prompts):
-    raise SystemExit("every prompt needs at least one token.")
+    raise UsageError("every prompt needs at least one token.")
 
   print(f"attention: {_describe(impl, interpret)} on {jax.devices()[0].device_kind}",
         file=sys.stderr)
@@ -293,7 +299,13 @@ def main(argv=None) -> int:
   if not getattr(args, "func", None):
     parser.print_help()
     return 2
-  return args.func(args)
+  try:
+    return args.func(args)
+  except (UsageError, ValueError, TypeError, OSError) as e:
+    # What the user gave is wrong (a flag, a file, a checkpoint field): the package's message
+    # names it, on one line, without a traceback.
+    print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

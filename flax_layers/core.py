@@ -173,7 +173,8 @@ def masked_attention(q, k, v, *, mask=None, bias=None, scale=None, kv_lengths=No
     mask: bool (or {0, 1} float, Flax style) broadcastable to ``[B, N, T, S]``; True = attend.
     bias: float, broadcastable to ``[B, N, T, S]``, added to the logits.
     scale: logit scale, default ``1/sqrt(H)``.
-    kv_lengths: ``int32[B]``: keys at or past it are masked and zeroed (they may hold NaN).
+    kv_lengths: ``int32[B]``: keys at or past it are masked. A non-finite K/V value in a slot a
+      query does not see never reaches it; a query that sees one gets NaN.
     dropout_rng, dropout_rate, broadcast_dropout, deterministic: Flax's attention dropout; the
       keep mask is drawn exactly as Flax draws it (shape ``[1, 1, T, S]`` when broadcast, else
       ``[B, N, T, S]``), so the same key gives the same mask as ``nn.dot_product_attention``.
@@ -197,7 +198,7 @@ def masked_attention(q, k, v, *, mask=None, bias=None, scale=None, kv_lengths=No
   if kv_lengths is not None:
     no_offset = jnp.zeros_like(kv_lengths)
     visible = reference.visibility_mask(1, s, no_offset, kv_lengths, False)[:, None]
-    k, v = reference.zero_invalid_keys(k, v, kv_lengths)
+  k, v, bad_k, bad_v = reference.finite_keys(k, v)
   if mask is not None:
     mask = jnp.asarray(mask)
     visible = visible & (mask if mask.dtype == jnp.bool_ else mask != 0)
@@ -221,7 +222,7 @@ def masked_attention(q, k, v, *, mask=None, bias=None, scale=None, kv_lengths=No
     weights = weights * (keep.astype(cdt) / jnp.asarray(keep_prob, cdt))
   out = jnp.einsum("bkgts,bskh->btkgh", weights.reshape(b, kh, g, t, s), v.astype(cdt),
                    precision=precision)
-  return out.reshape(b, t, n, h).astype(q.dtype)
+  return reference.poison(out.reshape(b, t, n, h), visible, bad_k | bad_v, g).astype(q.dtype)
 
 
 def sow_fn_for(module) -> Callable[[Array], Any] | None:

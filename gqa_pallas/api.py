@@ -33,6 +33,11 @@ def _plan(op, q, k, v, q_offset, kv_lengths, scale, implementation, interpret, c
   return backend, config, q_offset, kv_lengths, scale, problem
 
 
+def _empty(dims) -> bool:
+  """No (row, query, head) sees a key: the result is 0 (lse ``-inf``) without a launch."""
+  return 0 in (dims.batch, dims.q_len, dims.kv_len, dims.num_heads)
+
+
 def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale=None,
                   implementation=None, interpret=False, return_lse=False, config=None,
                   sliding_window=None, logits_soft_cap=None):
@@ -62,7 +67,7 @@ def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale
   backend, config, q_offset, kv_lengths, scale, problem = _plan(
       "prefill", q, k, v, q_offset, kv_lengths, scale, implementation, interpret, config, causal,
       sliding_window, logits_soft_cap)
-  if 0 in (problem.dims.batch, problem.dims.q_len, problem.dims.kv_len):
+  if _empty(problem.dims):
     return reference.empty_result(q, return_lse)  # nothing to launch, whatever the backend
   # Lengths past S act as S, negative ones as 0 (design.md): the kernels get them in range.
   kv_lengths = jnp.clip(kv_lengths, 0, problem.dims.kv_len)
@@ -115,6 +120,9 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
   backend, config, q_offset, kv_lengths, scale, problem = _plan(
       "decode", q, cache.k, cache.v, q_offset, cache.lengths, scale, implementation, interpret,
       config, True, sliding_window, logits_soft_cap)
+  if _empty(problem.dims):
+    res = reference.empty_result(q, return_lse)
+    return jax.tree_util.tree_map(lambda x: x[:, 0], res) if single else res
   plan = vjp.DecodePlan(backend=backend, scale=scale, return_lse=bool(return_lse),
                         interpret=bool(interpret), config=config,
                         sliding_window=problem.sliding_window,

@@ -180,6 +180,9 @@ class KVCache:
   def reset(self, rows=None) -> "KVCache":
     """Empties ``rows`` (``bool[B]`` mask or integer indices; ``None``: every row).
 
+    Indices outside ``[0, B)`` are a ``ValueError`` when known; traced ones (under ``jit``)
+    clear nothing: an index never wraps onto another row.
+
     Data is left in place: slots past ``lengths`` are never read, so clearing them is not needed.
     """
     lengths_shape = self.lengths.shape
@@ -195,7 +198,9 @@ class KVCache:
         if _is_concrete(rows) and np.any((np.asarray(rows) < 0) |
                                          (np.asarray(rows) >= self.batch)):
           raise ValueError(f"reset: row indices must be in [0, {self.batch}); got {rows}.")
-        clear = jnp.zeros((self.batch,), jnp.bool_).at[rows.reshape(-1)].set(True, mode="drop")
+        # Compared, not scattered: a traced index outside [0, B) clears nothing (a scatter
+        # would wrap a negative one onto another row).
+        clear = jnp.any(rows.reshape(-1, 1) == jnp.arange(self.batch), axis=0)
         clear = jnp.broadcast_to(clear, lengths_shape)
       else:
         raise TypeError(f"reset: rows must be a bool mask or integer indices; got {rows.dtype}.")

@@ -6,14 +6,17 @@ a ``sliding_window`` W, ``j > q_offset[b] + t - W``). With ``logits_soft_cap`` c
 ``s`` become ``c * tanh(s / c)`` before masking. Defaults:
 ``kv_lengths = S``, ``q_offset = kv_lengths - T`` (bottom-right alignment). Rows with no visible
 key give 0 and lse ``-inf``; anything stored at or past ``kv_lengths[b]`` (NaN included) never
-reaches the output.
+reaches the output. A non-finite value (NaN, +-inf) in a slot a query cannot see (past the
+length, causally in its future, outside its window) never reaches that query either; a query
+that sees one gets NaN (``finite_keys``, ``poison``).
 
-Cache append: row ``b`` writes its first ``num_new[b]`` new tokens at slots ``lengths[b] + t``;
+Cache append: row ``b`` writes its first ``num_new[b]`` new tokens at slots ``lengths[b] + t``
+(a length outside ``[0, S_max]`` acts as the nearest end);
 a token that would land at or past ``S_max`` is dropped (no wrap, no spill into another row), the
 length saturates at ``S_max`` and the row's sticky ``overflowed`` flag is set.
 
 This is also the ``"xla"`` backend (``gqa_pallas/xla.py``), and the Flax layers' mask/bias path
-builds on ``visibility_mask``, ``zero_invalid_keys`` and ``softmax_parts``.
+builds on ``visibility_mask``, ``finite_keys``, ``poison`` and ``softmax_parts``.
 """
 from __future__ import annotations
 
@@ -55,14 +58,34 @@ def soft_cap(logits, cap):
   return cap * jnp.tanh(logits / cap)
 
 
-def zero_invalid_keys(k, v, kv_lengths):
-  """k, v ``[B, S, K, H]`` with the slots at or past ``kv_lengths`` set to 0.
+def finite_keys(k, v):
+  """k, v ``[B, S, K, H]`` with every non-finite value set to 0, and which slots held one.
 
-  The softmax weight of those slots is 0, but ``0 * NaN`` would still be NaN: whatever they hold
-  must not enter a product.
+  A slot a query cannot see has softmax weight 0, but ``0 * inf`` and ``0 * NaN`` are NaN: what
+  it holds must not enter a product. Returns ``(k, v, bad_k, bad_v)``, ``bad_*`` bool ``[B, S,
+  K]`` (the slot has a non-finite value in some feature); ``poison`` turns them into the rows
+  that see one.
   """
-  valid = (jnp.arange(k.shape[1]) < kv_lengths[:, None])[:, :, None, None]
-  return jnp.where(valid, k, 0), jnp.where(valid, v, 0)
+  ok_k, ok_v = jnp.isfinite(k), jnp.isfinite(v)
+  return (jnp.where(ok_k, k, 0), jnp.where(ok_v, v, 0), ~jnp.all(ok_k, axis=-1),
+          ~jnp.all(ok_v, axis=-1))
+
+
+def poison(x, visible, bad, group_size: int):
+  """``x [B, T, N, ...]`` set to NaN for the (row, query head) pairs that see a bad slot.
+
+  ``visible`` is bool ``[B, T, S]`` or ``[B, N, T, S]`` (broadcastable), ``bad`` bool ``[B, S,
+  K]``; query head ``n`` reads kv head ``n // group_size``.
+  """
+  b, t, n = x.shape[:3]
+  if visible.ndim == 3:  # one mask for every head: count per kv head, then expand
+    seen = jnp.einsum("bts,bsk->btk", visible.astype(jnp.float32), bad.astype(jnp.float32))
+    seen = jnp.repeat(seen, group_size, axis=2) > 0
+  else:
+    visible = jnp.broadcast_to(visible, (b, n) + visible.shape[-2:]).astype(jnp.float32)
+    bad = jnp.repeat(bad.astype(jnp.float32), group_size, axis=2)  # [B, S, N]
+    seen = jnp.einsum("bnts,bsn->btn", visible, bad) > 0
+  return jnp.where(seen.reshape(seen.shape + (1,) * (x.ndim - 3)), jnp.nan, x)
 
 
 def softmax_parts(logits, visible):
@@ -123,7 +146,7 @@ def attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
     scale = 1.0 / math.sqrt(h)
   mask = visibility_mask(t, dims.kv_len, q_offset, kv_lengths, causal,
                          sliding_window)  # [B, T, S]
-  k, v = zero_invalid_keys(k, v, kv_lengths)
+  k, v, bad_k, bad_v = finite_keys(k, v)
   k, v = k.astype(compute_dtype), v.astype(compute_dtype)
   qg = q.astype(compute_dtype).reshape(b, t, kh, g, h)
   precision = jax.lax.Precision.HIGHEST
@@ -133,12 +156,13 @@ def attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
   p, denom, row_max = softmax_parts(logits, mask[:, None, None, :, :])
   out = jnp.einsum("bkgts,bskh->btkgh", p, v, precision=precision)
   denom_t = jnp.moveaxis(denom[..., 0], -1, 1)[..., None]  # [B, T, K, G, 1]
-  out = normalize(out, denom_t).reshape(b, t, n, h).astype(q.dtype)
+  out = normalize(out, denom_t).reshape(b, t, n, h)
+  out = poison(out, mask, bad_k | bad_v, g).astype(q.dtype)
   if not return_lse:
     return out
   lse = jnp.where(denom > 0, row_max + jnp.log(jnp.where(denom > 0, denom, 1)), -jnp.inf)
   lse = jnp.moveaxis(lse[..., 0], -1, 1).reshape(b, t, n).astype(jnp.float32)
-  return out, lse
+  return out, poison(lse, mask, bad_k, g)
 
 
 def attention_vjp(q, k, v, cotangent, **kwargs):
@@ -162,6 +186,7 @@ def append_reference(k, v, lengths, overflowed, k_new, v_new, num_new):
   """
   b, s_max = k.shape[:2]
   t_new = k_new.shape[1]
+  lengths = jnp.clip(lengths, 0, s_max)  # a hand-built cache's negative length acts as 0
   num_new = jnp.clip(num_new, 0, t_new)
   t = jnp.arange(t_new, dtype=jnp.int32)[None, :]
   pos = lengths[:, None] + t  # [B, T_new]

@@ -114,7 +114,11 @@ def validate_attention(q, k, v, q_offset=None, kv_lengths=None):
     raise ValueError(f"q and k/v must have the same batch size; got {b} and {bk}.")
   if hk != h:
     raise ValueError(f"q and k/v must have the same head dim H; got {h} and {hk}.")
-  if kh == 0 or n % kh:
+  if h == 0:
+    raise ValueError(f"the head dim H must be positive; got q {q.shape} and k/v {k.shape}.")
+  if kh == 0:
+    raise ValueError(f"k and v must have at least one kv head (K >= 1); got k/v {k.shape}.")
+  if n % kh:
     raise ValueError(
         f"the number of query heads N={n} must be a multiple of the number of kv heads K={kh}.")
   q_offset = check_per_row("q_offset", q_offset, b)

@@ -92,6 +92,22 @@ def test_default_num_new_and_stacked_cache(name):
 
 
 @pytest.mark.parametrize("name", APPEND_BACKENDS)
+def test_lengths_outside_the_cache_act_as_its_ends(name):
+  """A hand-built cache whose lengths are negative or past S_max: both paths agree, a negative
+  length acts as 0 (the tokens go to slots 0..) and one past S_max as S_max (overflow)."""
+  rng = np.random.default_rng(5)
+  cache = _random_cache(rng, 3, 8, 2, 16, F32, [-3, 10, 2], overflowed=[False] * 3)
+  k_new = jnp.asarray(rng.normal(size=(3, 2, 2, 16)), F32)
+  out, ref = _both(name, cache, k_new, -k_new, jnp.array([2, 1, 2], jnp.int32))
+  _assert_same(out, ref)
+  np.testing.assert_array_equal(np.asarray(ref.lengths), [2, 8, 4])
+  np.testing.assert_array_equal(np.asarray(ref.overflowed), [False, True, False])
+  np.testing.assert_array_equal(np.asarray(ref.k[0, :2]), np.asarray(k_new[0]))
+  np.testing.assert_array_equal(np.asarray(ref.k[0, 2:]), np.asarray(cache.k[0, 2:]))
+  np.testing.assert_array_equal(np.asarray(ref.k[1]), np.asarray(cache.k[1]))
+
+
+@pytest.mark.parametrize("name", APPEND_BACKENDS)
 def test_empty_append(name):
   """T_new == 0 launches no kernel and still saturates lengths / sets flags like the jnp path."""
   rng = np.random.default_rng(6)

@@ -250,6 +250,16 @@ def test_reset(rows, cleared):
     assert_cache_equals(out, cache.k, cache.v, want_len, want_ovf)  # data left in place
 
 
+def test_reset_under_jit_never_wraps_an_index():
+  """Traced indices outside [0, B) clear nothing (eagerly they are a ValueError): -1 is not the
+  last row and 4 is not dropped onto another."""
+  cache = poisoned(KVCache.init(4, 8, 1, 2, jnp.float32), lengths=[3, 8, 5, 1])
+  out = jax.jit(lambda c, r: c.reset(r))(cache, jnp.array([-1, 4, 1], jnp.int32))
+  np.testing.assert_array_equal(np.asarray(out.lengths), [3, 0, 5, 1])
+  with pytest.raises(ValueError, match=r"row indices must be in \[0, 4\)"):
+    cache.reset(jnp.array([-1]))
+
+
 def test_reset_then_append_starts_at_zero():
   rng = np.random.default_rng(17)
   cache = poisoned(KVCache.init(2, 6, 1, 2, jnp.float32), lengths=[4, 6])

@@ -52,3 +52,25 @@ def test_cli_demo(capsys):
   out = capsys.readouterr().out
   assert "max |kernel - reference|" in out and "tokens/s" in out
   assert "identical tokens" in out and "demo passed" in out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["generate", "--implementation", "xla", "--interpret"], "--interpret runs the Pallas"),
+    (["generate", "--prompt-ids", "1 x 3", "--no-warmup"], "--prompt-ids takes integers"),
+    (["generate", "--checkpoint", "/nonexistent/ckpt", "--no-warmup"], "/nonexistent/ckpt"),
+    (["generate", "--prompt", "hello", "--no-warmup"], "--prompt needs a checkpoint"),
+])
+def test_cli_user_errors_are_one_line_with_status_2(argv, match, capsys):
+  from flax_layers.cli import main
+  assert main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith("gqa-pallas: error: ") and match in err[-1]
+  assert not any("Traceback" in line for line in err)
+
+
+def test_cli_broken_checkpoint_config_is_one_line(tmp_path, capsys):
+  from flax_layers.cli import main
+  (tmp_path / "config.json").write_text("{not json")
+  assert main(["generate", "--checkpoint", str(tmp_path), "--no-warmup"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert "config.json" in err[-1] and err[-1].startswith("gqa-pallas: error: ")

@@ -134,6 +134,18 @@ def test_batched_equals_per_row_calls(name):
     chex.assert_trees_all_close(batched[row:row + 1], single, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", backend_cases.implementing("decode", pallas_only=False))
+def test_empty_cache_heads_and_batch(name):
+  """S_max = 0, no query heads, B = 0: zeros and lse -inf, whatever the backend (no launch)."""
+  kw = dict(implementation=name, interpret=backend_cases.interpret_for(name, "cpu"),
+            return_lse=True)
+  for b, s, n in ((2, 0, 4), (2, 8, 0), (0, 8, 4)):
+    q, k, v = numerics.random_qkv(13, b, 1, s, n, 2, 32, F32)
+    out, lse = gp.gqa_decode(q[:, 0], _cache(k, v, jnp.full((b,), min(s, 3), jnp.int32)), **kw)
+    assert out.shape == (b, n, 32) and lse.shape == (b, n)
+    assert not np.any(np.asarray(out)) and np.all(np.isneginf(np.asarray(lse)))
+
+
 def test_single_token_layout_and_explicit_offset():
   """``q [B, N, H]`` returns ``[B, N, H]``; an explicit q_offset (ragged num_new) is honoured."""
   lengths = jnp.array([9, 30], jnp.int32)

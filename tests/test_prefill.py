@@ -155,12 +155,12 @@ def test_gradients_match_reference(name):
 
 
 @pytest.mark.parametrize("name", backend_cases.implementing("prefill", pallas_only=False))
-def test_empty_query_batch_and_keys(name):
+def test_empty_query_batch_keys_and_heads(name):
   interpret = backend_cases.interpret_for(name, "cpu")
   dtype = backend_cases.first_dtype(name, "prefill", AttentionDims(2, 3, 5, 4, 2, 64),
                                     (F32, BF16))
-  for shape in ((2, 0, 5), (0, 3, 5), (2, 3, 0)):
-    q, k, v = numerics.random_qkv(8, shape[0], shape[1], shape[2], 4, 2, 64, dtype)
+  for b, t, s, n in ((2, 0, 5, 4), (0, 3, 5, 4), (2, 3, 0, 4), (2, 3, 5, 0)):
+    q, k, v = numerics.random_qkv(8, b, t, s, n, 2, 64, dtype)
     out, lse = gp.gqa_attention(q, k, v, implementation=name, interpret=interpret,
                                 return_lse=True)
     assert out.shape == q.shape and lse.shape == q.shape[:3]

@@ -38,11 +38,11 @@ def _append_kernel(lengths_ref, num_new_ref, overflowed_ref, k_new_ref, v_new_re
   del k_in_ref, v_in_ref  # the same buffers as k_ref / v_ref
   tile, head, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   s_max = k_ref.shape[0]
-  length = lengths_ref[b]
+  length = jnp.clip(lengths_ref[b], 0, s_max)  # as the reference: negative acts as 0
   num_new = jnp.clip(num_new_ref[b], 0, t_new)
   t = tile * block_t + lax.broadcasted_iota(jnp.int32, (block_t,), 0)
   pos = length + t
-  write = (t < num_new) & (pos >= 0) & (pos < s_max)
+  write = (t < num_new) & (pos < s_max)
   d = lax.broadcasted_iota(jnp.int32, (1, k_ref.shape[-1]), 1)
   in_head = d < head_dim
   read_mask = (t < t_new)[:, None] & in_head

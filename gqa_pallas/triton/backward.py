@@ -143,7 +143,9 @@ def _dkdv_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse2
     delta = _load_row_values(delta_ref, t, g, valid, 0.)
     p, th = _probabilities(q, k, lse2, qk_scale=qk_scale, soft_cap=soft_cap)
     if masked:
-      visible = flash.visible(key, q_offset + t, kv_len, causal=causal, window=window)
+      # The tile's rows past T (q = 0) must not count either: 0 * inf in their scores is NaN.
+      visible = flash.visible(key, q_offset + t, kv_len, causal=causal,
+                              window=window) & valid[:, None]
       p = jnp.where(visible, p, 0.)
     dv = dv + flash._dot(p.astype(do.dtype).T, do)  # pylint: disable=protected-access
     ds = _logit_grad(p, flash._dot(do, v.T), delta, th)  # pylint: disable=protected-access
@@ -194,6 +196,9 @@ def _dq_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse2_r
     ds = _logit_grad(p, flash._dot(do, v.T), delta, th)  # pylint: disable=protected-access
     if masked:
       ds = jnp.where(visible, ds, 0.)
+      # A key some row of the tile cannot see may hold inf: 0 * inf in dS K would be NaN.
+      # (A row that sees it has a NaN output already.)
+      k = jnp.where(jnp.isfinite(k), k, jnp.zeros_like(k))
     return dq + flash._dot(ds.astype(k.dtype), k)  # pylint: disable=protected-access
 
   dq = flash.run_blocks(step, blocks, jnp.zeros((block_m, head_dim_p), jnp.float32))

@@ -183,18 +183,20 @@ def attend(q, k_ref, v_ref, row_pos, kv_len, *, blocks, block_k: int, qk_scale: 
   hi)`` of ``block_ranges``.
 
   Blocks ``[full_lo, full_hi)`` must be visible to every row (no mask is applied); the others
-  are masked by ``visible``. Masked slots are loaded as 0 past ``kv_len``, so garbage (NaN)
-  there never enters. Returns ``(acc, m, l)`` in float32, ``m`` in the log2 domain (``-inf``
+  are masked by ``visible``. Masked slots are loaded as 0 past ``kv_len``, and non-finite values
+  of a masked block never enter the product (``finite_values``). Returns ``(acc, m, l)`` in float32, ``m`` in the log2 domain (``-inf``
   for rows that saw no key).
   """
   block_m, head_dim_p = q.shape
 
   def step(i, carry, masked):
-    acc, m_prev, l_prev = carry
+    acc, m_prev, l_prev, poisoned = carry
     key, k, v = load_key_block(k_ref, v_ref, i * block_k, block_k, kv_len, head_dim, masked)
     s, _ = scores(q, k, qk_scale=qk_scale, soft_cap=soft_cap)
     if masked:
-      s = jnp.where(visible(key, row_pos, kv_len, causal=causal, window=window), s, -jnp.inf)
+      vis = visible(key, row_pos, kv_len, causal=causal, window=window)
+      s = jnp.where(vis, s, -jnp.inf)
+      v, poisoned = finite_values(v, vis, poisoned)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     # A row that has seen no visible key keeps m == -inf: shift by 0 there so that
     # exp2(-inf - -inf) never makes a NaN. Unmasked blocks always hold a visible key.
@@ -203,12 +205,29 @@ def attend(q, k_ref, v_ref, row_pos, kv_len, *, blocks, block_k: int, qk_scale: 
     p = jnp.exp2(s - m_safe[:, None])
     l_next = alpha * l_prev + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    return acc, m_next, l_next
+    return acc, m_next, l_next, poisoned
 
   carry = (jnp.zeros((block_m, head_dim_p), jnp.float32),
            jnp.full((block_m,), -jnp.inf, jnp.float32),
+           jnp.zeros((block_m,), jnp.float32),
            jnp.zeros((block_m,), jnp.float32))
-  return run_blocks(step, blocks, carry)
+  acc, m, l, poisoned = run_blocks(step, blocks, carry)
+  return jnp.where(poisoned[:, None] > 0, jnp.nan, acc), m, l
+
+
+def finite_values(x, vis, poisoned):
+  """A masked block's tile ``x [N, Hp]`` (its V, or K for a product after the mask) with
+  non-finite values set to 0, and ``poisoned [M]`` set for the rows that see such a key.
+
+  A key a row cannot see has weight 0 there, but ``0 * inf`` is NaN inside the shared product:
+  the value is cleared for every row, and the rows that do see it are marked NaN instead
+  (design.md: a visible non-finite value gives NaN). Unmasked blocks skip this: every row sees
+  every key, and IEEE arithmetic propagates what they hold.
+  """
+  ok = jnp.isfinite(x)
+  bad_key = jnp.max(jnp.where(ok, 0., 1.), axis=1)  # [N]
+  seen = jnp.max(jnp.where(vis, bad_key[None, :], 0.), axis=1)
+  return jnp.where(ok, x, jnp.zeros_like(x)), jnp.maximum(poisoned, seen)
 
 
 def finalize(acc, m, l):
