@@ -172,9 +172,11 @@ class KVCache:
                                jnp.dtype(self.k.dtype).name, interpret=interpret,
                                device=devices.current())
     backend = registry.resolve(implementation, problem)
-    k, v, lengths, overflowed = backend.append(
-        self.k, self.v, self.lengths, self.overflowed, k_new.astype(self.k.dtype),
-        v_new.astype(self.v.dtype), num_new, interpret=interpret)
+    lengths = self.lengths.astype(jnp.int32)  # int64 under x64 (a hand-built cache)
+    with registry.kernel_scope():
+      k, v, lengths, overflowed = backend.append(
+          self.k, self.v, lengths, self.overflowed, k_new.astype(self.k.dtype),
+          v_new.astype(self.v.dtype), num_new, interpret=interpret)
     return KVCache(k=k, v=v, lengths=lengths, overflowed=overflowed)
 
   def reset(self, rows=None) -> "KVCache":

@@ -20,10 +20,13 @@ Adding a backend is one subpackage with a ``Backend`` subclass and one line in `
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
 from typing import Any
+
+import jax
 
 from gqa_pallas import devices, validation
 
@@ -140,6 +143,16 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
+
+
+def kernel_scope():
+  """The context a backend's kernels are traced in: 32-bit integer types, also when the user
+  turned on ``jax_enable_x64`` (the kernels' index arithmetic mixes traced int32 values with
+  Python ints, which x64 mode would make int64). Every input is at most 32 bits wide, so
+  nothing changes for the caller."""
+  if not jax.config.jax_enable_x64:
+    return contextlib.nullcontext()
+  return jax.enable_x64(False)
 
 
 def _load() -> dict[str, Backend]:

@@ -63,9 +63,10 @@ def prefill(q, k, v, q_offset, kv_lengths, plan: Plan):
 
 
 def _forward(plan, q, k, v, q_offset, kv_lengths, return_lse):
-  return plan.forward.prefill(q, k, v, q_offset, kv_lengths, causal=plan.causal,
-                              scale=plan.scale, return_lse=return_lse,
-                              interpret=plan.interpret, config=plan.config, **plan.features)
+  with registry.kernel_scope():
+    return plan.forward.prefill(q, k, v, q_offset, kv_lengths, causal=plan.causal,
+                                scale=plan.scale, return_lse=return_lse,
+                                interpret=plan.interpret, config=plan.config, **plan.features)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -81,9 +82,11 @@ def _prefill_fwd(q, k, v, q_offset, kv_lengths, plan):
 def _prefill_bwd(plan, residuals, cotangent):
   q, k, v, q_offset, kv_lengths, out, lse = residuals
   d_out, d_lse = cotangent if plan.return_lse else (cotangent, None)
-  dq, dk, dv = plan.backward.prefill_bwd(
-      q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, causal=plan.causal,
-      scale=plan.scale, interpret=plan.interpret, config=plan.backward_config, **plan.features)
+  with registry.kernel_scope():
+    dq, dk, dv = plan.backward.prefill_bwd(
+        q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, causal=plan.causal,
+        scale=plan.scale, interpret=plan.interpret, config=plan.backward_config,
+        **plan.features)
   return dq, dk, dv, None, None
 
 
@@ -119,9 +122,10 @@ def decode(q, k, v, q_offset, lengths, plan: DecodePlan):
 
 
 def _decode_forward(plan, q, k, v, q_offset, lengths):
-  return plan.backend.decode(q, k, v, q_offset, lengths, scale=plan.scale,
-                             return_lse=plan.return_lse, interpret=plan.interpret,
-                             config=plan.config, **plan.features)
+  with registry.kernel_scope():
+    return plan.backend.decode(q, k, v, q_offset, lengths, scale=plan.scale,
+                               return_lse=plan.return_lse, interpret=plan.interpret,
+                               config=plan.config, **plan.features)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -3,10 +3,35 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def assert_parity(out, ref32, ref_d, *, factor=2.0, name="output"):
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def float32_bound(max_logit: float = 0.) -> float:
+  """The float32 rule's relative bound: ``1e-5 + 0.5 * eps32 * max|logit|``. A logit carries a
+  rounding error of ``eps32 * |logit|``, which ``exp`` turns into a relative error of the
+  weights: at ``|logit|`` of several hundred the float32 reference itself misses a fixed 1e-5
+  (measured: 0.04-0.08 ``eps32 * max|logit|`` against float64, kernels and reference alike)."""
+  return 1e-5 + 0.5 * F32_EPS * max_logit
+
+
+def max_logit(q, k, scale=None):
+  """``max |scale * q . k|`` over every (query head, key) pair, NaN-free: the float32 rule's
+  logit magnitude."""
+  import jax  # pylint: disable=g-import-not-at-top
+  h = q.shape[-1]
+  g = q.shape[2] // max(k.shape[2], 1)
+  scale = 1.0 / np.sqrt(h) if scale is None else scale
+  kk = jnp.where(jnp.isfinite(k), k, 0).astype(jnp.float32)
+  qq = jnp.where(jnp.isfinite(q), q, 0).astype(jnp.float32)
+  s = jnp.einsum("btkgh,bskh->bkgts", qq.reshape(q.shape[:2] + (k.shape[2], g, h)), kk,
+                 precision=jax.lax.Precision.HIGHEST)
+  return float(jnp.max(jnp.abs(s), initial=0.)) * abs(scale)
+
+
+def assert_parity(out, ref32, ref_d, *, factor=2.0, name="output", max_logit=0.):
   """``max|o - r32| <= factor * max|r_d - r32| + 1e-5`` and mean error <= 1.5x that of ``r_d``.
 
-  For float32 outputs: ``max|o - r32| / max|r32| <= 1e-5`` (CPU) instead.
+  For float32 outputs: ``max|o - r32| / max|r32| <= float32_bound(max_logit)`` (CPU) instead.
   """
   o = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
   r = np.asarray(jnp.asarray(ref32, jnp.float32), np.float64)
@@ -14,9 +39,11 @@ def assert_parity(out, ref32, ref_d, *, factor=2.0, name="output"):
   assert np.all(np.isfinite(o)), f"{name}: non-finite values in kernel output"
   err = np.abs(o - r)
   if jnp.asarray(out).dtype == jnp.float32:
-    bound = 1e-5 * max(np.max(np.abs(r)), 1e-30) if r.size else 0
+    rel = float32_bound(max_logit)
+    bound = rel * max(np.max(np.abs(r)), 1e-30) if r.size else 0
     assert err.max(initial=0) <= bound + 1e-7, (
-        f"{name}: float32 max error {err.max():.3e} > 1e-5 relative (max|ref| {np.abs(r).max():.3e})")
+        f"{name}: float32 max error {err.max():.3e} > {rel:.2e} relative "
+        f"(max|ref| {np.abs(r).max():.3e}, max|logit| {max_logit:.3g})")
     return
   d = np.asarray(jnp.asarray(ref_d, jnp.float32), np.float64)
   err_d = np.abs(d - r)
@@ -49,7 +76,8 @@ def check_against_reference(out, lse, q, k, v, *, factor, **kwargs):
   r_d = attention_reference(q, k, v, compute_dtype=q.dtype, **kwargs) if q.dtype != jnp.float32 \
       else r32
   assert out.dtype == q.dtype and out.shape == q.shape
-  assert_parity(out, r32, r_d, factor=factor)
+  logit = max_logit(q, k, kwargs.get("scale")) if q.dtype == jnp.float32 else 0.
+  assert_parity(out, r32, r_d, factor=factor, max_logit=logit)
   if lse is not None:
     lse, lse32 = np.asarray(lse), np.asarray(lse32)
     assert lse.shape == lse32.shape and lse.dtype == np.float32
