@@ -41,6 +41,20 @@ CASES = [
 ]
 
 
+# The same kinds at realistic sizes, compiled on the GPU.
+GPU_CASES = [
+    ("causal", (2, 1000, 1000, 32, 8, 128), [1000, 700], None, None,
+     [("v", 0, 517, 3, 5, 1), ("k", 0, 900, 1, 3, 0), ("v", 1, 130, 6, None, 2)]),
+    ("future", (1, 256, 4096, 32, 8, 128), [4000], [1000], None,
+     [("v", 0, 1300, 2, None, 1), ("k", 0, 3999, 1, 7, 2), ("v", 0, 1256, 7, 0, 0)]),
+    ("window", (1, 2048, 2048, 16, 4, 128), None, None, 512,
+     [("v", 0, 300, 0, 2, 1), ("v", 0, 1500, 3, None, 0)]),
+]
+GPU_DECODE_CASE = ("decode", (4, 4, 8192, 32, 8, 128), [8192, 5000, 4, 7001], None, None,
+                   [("v", 0, 8191, 0, 4, 1), ("k", 1, 4999, 1, None, 0),
+                    ("v", 3, 7000, 5, None, 2), ("v", 2, 3, 7, None, 1)])
+
+
 def _dims(case):
   _, (b, t, s, n, k, h), *_ = case
   return AttentionDims(b, t, s, n, k, h)
@@ -98,34 +112,38 @@ def _check(out, lse, case, dtype, factor=2.0):
     assert not np.isfinite(cols).any(), f"{name}: a row that sees a non-finite V stayed finite"
 
 
-def _problem(name, case, dtype, op="prefill"):
+def _problem(name, case, dtype, op="prefill", tier="cpu"):
   return registry.Problem(op, _dims(case), jnp.dtype(dtype).name, causal=True,
-                          interpret=backend_cases.interpret_for(name, "cpu"),
-                          device=devices.CPU, sliding_window=case[4])
+                          interpret=backend_cases.interpret_for(name, tier),
+                          device=backend_cases.device_for(tier), sliding_window=case[4])
 
 
 def _gap(name):
   return [pytest.mark.skip(reason=KNOWN_GAPS[name])] if name in KNOWN_GAPS else []
 
 
-def _params():
+def _params(cases, tier, op="prefill", dtypes=(BF16, F16, F32)):
   out = []
-  for name in registry.implementing("prefill"):
+  names = registry.implementing(op) if tier == "cpu" else backend_cases.implementing(op)
+  marks = [pytest.mark.gpu] if tier == "gpu" else []
+  for name in names:
     backend = registry.get(name)
-    for case in CASES:
-      dtype = next((d for d in (BF16, F16, F32)
-                    if backend.unsupported(_problem(name, case, d)) is None), None)
+    for case in cases:
+      dtype = next((d for d in dtypes
+                    if backend.unsupported(_problem(name, case, d, op, tier)) is None), None)
       if dtype is not None:
-        out.append(pytest.param(name, case, dtype, id=f"{name}-{case[0]}", marks=_gap(name)))
+        out.append(pytest.param(name, case, dtype, tier, id=f"{name}-{case[0]}",
+                                marks=marks + _gap(name)))
   return out
 
 
-@pytest.mark.parametrize("name,case,dtype", _params())
-def test_prefill_invisible_slots(name, case, dtype):
+@pytest.mark.parametrize("name,case,dtype,tier", _params(CASES, "cpu") + _params(
+    GPU_CASES, "gpu", dtypes=(BF16,)))
+def test_prefill_invisible_slots(name, case, dtype, tier):
   q, k, v, _, _, kv_lengths, q_offset, window, _, _ = _inputs(case, dtype)
   out, lse = gp.gqa_attention(q, k, v, kv_lengths=kv_lengths, q_offset=q_offset,
                               sliding_window=window, implementation=name,
-                              interpret=backend_cases.interpret_for(name, "cpu"),
+                              interpret=backend_cases.interpret_for(name, tier),
                               return_lse=True)
   _check(out, lse, case, dtype)
 
@@ -146,27 +164,19 @@ def test_reference_rows_that_see_a_bad_slot_are_nan():
   np.testing.assert_array_equal(lse[~sees_any], np.asarray(clean_lse)[~sees_any])
 
 
-def _decode_params():
-  case = ("decode", (2, 3, 48, 8, 2, 64), [30, 44], None, None,
-          [("v", 0, 29, 0, 4, 1), ("k", 1, 43, 1, None, 0), ("v", 1, 43, 0, None, 2)])
-  out = []
-  for name in registry.implementing("decode"):
-    backend = registry.get(name)
-    dtype = next((d for d in (BF16, F16, F32)
-                  if backend.unsupported(_problem(name, case, d, "decode")) is None), None)
-    if dtype is not None:
-      out.append(pytest.param(name, case, dtype, id=name, marks=_gap(name)))
-  return out
+DECODE_CASE = ("decode", (2, 3, 48, 8, 2, 64), [30, 44], None, None,
+               [("v", 0, 29, 0, 4, 1), ("k", 1, 43, 1, None, 0), ("v", 1, 43, 0, None, 2)])
 
 
-@pytest.mark.parametrize("name,case,dtype", _decode_params())
-def test_decode_invisible_slots(name, case, dtype):
-  """T = 3 new tokens: the last slot of a row is in the future of its first two queries."""
+@pytest.mark.parametrize("name,case,dtype,tier", _params([DECODE_CASE], "cpu", "decode") + _params(
+    [GPU_DECODE_CASE], "gpu", "decode", dtypes=(BF16,)))
+def test_decode_invisible_slots(name, case, dtype, tier):
+  """T new tokens: the last slots of a row are in the future of its first queries."""
   q, k, v, _, _, kv_lengths, _, _, _, _ = _inputs(case, dtype)
   cache = gp.KVCache(k=k, v=v, lengths=kv_lengths,
                      overflowed=jnp.zeros(kv_lengths.shape, bool))
   out, lse = gp.gqa_decode(q, cache, implementation=name,
-                           interpret=backend_cases.interpret_for(name, "cpu"), return_lse=True)
+                           interpret=backend_cases.interpret_for(name, tier), return_lse=True)
   _check(out, lse, case, dtype, factor=3.0)
 
 
