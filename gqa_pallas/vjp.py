@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gqa_pallas import reference, registry
+from gqa_pallas import finite, reference, registry
 
 LOG2_E = math.log2(math.e)
 
@@ -82,6 +82,10 @@ def _prefill_fwd(q, k, v, q_offset, kv_lengths, plan):
 def _prefill_bwd(plan, residuals, cotangent):
   q, k, v, q_offset, kv_lengths, out, lse = residuals
   d_out, d_lse = cotangent if plan.return_lse else (cotangent, None)
+  # A slot no query sees may hold inf; a backward kernel's dS K and dO V^T products would turn
+  # its zero weight into NaN (design.md, "Invisible slots"). Cleared here, once, for every
+  # backward: a small pass next to the backward's compute.
+  k, v = finite.clear(k), finite.clear(v)
   with registry.kernel_scope():
     dq, dk, dv = plan.backward.prefill_bwd(
         q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, causal=plan.causal,

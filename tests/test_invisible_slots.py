@@ -21,7 +21,7 @@ BAD_VALUES = (jnp.nan, jnp.inf, -jnp.inf)
 # Backends that do not yet keep a non-finite V value inside kv_lengths out of the rows that
 # cannot see it (docs/numerics.md says which and where): their cases are listed, skipped.
 KNOWN_GAPS = {
-    "mosaic": "the Mosaic GPU kernels clear V only past kv_lengths (docs/numerics.md)",
+    "mosaic": "the Mosaic GPU prefill clears V only past kv_lengths (docs/numerics.md)",
 }
 
 # name, (B, T, S, N, K, H), kv_lengths, q_offset, window, bad slots: (kind, row, slot, kv head,

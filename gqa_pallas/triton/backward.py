@@ -196,9 +196,6 @@ def _dq_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, do_ref, lse2_r
     ds = _logit_grad(p, flash._dot(do, v.T), delta, th)  # pylint: disable=protected-access
     if masked:
       ds = jnp.where(visible, ds, 0.)
-      # A key some row of the tile cannot see may hold inf: 0 * inf in dS K would be NaN.
-      # (A row that sees it has a NaN output already.)
-      k = jnp.where(jnp.isfinite(k), k, jnp.zeros_like(k))
     return dq + flash._dot(ds.astype(k.dtype), k)  # pylint: disable=protected-access
 
   dq = flash.run_blocks(step, blocks, jnp.zeros((block_m, head_dim_p), jnp.float32))

@@ -191,7 +191,8 @@ def _decode_kernel(q_offset_ref, lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_re
                   hi_block=lo + (split + 1) * n_blocks // num_splits)
   acc, m, l = flash.attend(
       q, k_ref, v_ref, q_offset + t, kv_len, blocks=blocks, block_k=block_k,
-      qk_scale=scale * flash.LOG2_E, head_dim=head_dim, window=window, soft_cap=soft_cap)
+      qk_scale=scale * flash.LOG2_E, head_dim=head_dim, window=window, soft_cap=soft_cap,
+      guard_values=True)
   out, lse2 = flash.finalize(acc, m, l)
   if direct:
     flash.store_rows(o_ref, out, t, g, valid, head_dim)

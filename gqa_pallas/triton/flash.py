@@ -178,25 +178,29 @@ def block_ranges(first_pos, last_pos, kv_len, block_k: int, *, causal: bool,
 
 def attend(q, k_ref, v_ref, row_pos, kv_len, *, blocks, block_k: int, qk_scale: float,
            head_dim: int, causal: bool = True, window: int | None = None,
-           soft_cap: float | None = None):
+           soft_cap: float | None = None, guard_values: bool = False):
   """Online softmax of ``q [M, Hp]`` over the key blocks ``blocks = (lo, full_lo, full_hi,
   hi)`` of ``block_ranges``.
 
   Blocks ``[full_lo, full_hi)`` must be visible to every row (no mask is applied); the others
-  are masked by ``visible``. Masked slots are loaded as 0 past ``kv_len``, and non-finite values
-  of a masked block never enter the product (``finite_values``). Returns ``(acc, m, l)`` in float32, ``m`` in the log2 domain (``-inf``
-  for rows that saw no key).
+  are masked by ``visible``. Masked slots are loaded as 0 past ``kv_len``. With
+  ``guard_values``, a masked block's non-finite V values never reach a row that cannot see them
+  (``finite_values``; the decode kernel). Without it the caller guarantees V is finite inside
+  ``kv_len`` (the prefill clears it in XLA: ``gqa_pallas.finite``), because the check costs a
+  compute-bound kernel a third of its speed (benchmarks/NOTES.md). Returns ``(acc, m, l)`` in
+  float32, ``m`` in the log2 domain (``-inf`` for rows that saw no key).
   """
   block_m, head_dim_p = q.shape
 
   def step(i, carry, masked):
-    acc, m_prev, l_prev, poisoned = carry
+    acc, m_prev, l_prev, *poisoned = carry
     key, k, v = load_key_block(k_ref, v_ref, i * block_k, block_k, kv_len, head_dim, masked)
     s, _ = scores(q, k, qk_scale=qk_scale, soft_cap=soft_cap)
     if masked:
       vis = visible(key, row_pos, kv_len, causal=causal, window=window)
       s = jnp.where(vis, s, -jnp.inf)
-      v, poisoned = finite_values(v, vis, poisoned)
+      if guard_values:
+        v, poisoned[0] = finite_values(v, vis, poisoned[0])
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     # A row that has seen no visible key keeps m == -inf: shift by 0 there so that
     # exp2(-inf - -inf) never makes a NaN. Unmasked blocks always hold a visible key.
@@ -205,13 +209,14 @@ def attend(q, k_ref, v_ref, row_pos, kv_len, *, blocks, block_k: int, qk_scale: 
     p = jnp.exp2(s - m_safe[:, None])
     l_next = alpha * l_prev + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
-    return acc, m_next, l_next, poisoned
+    return (acc, m_next, l_next, *poisoned)
 
   carry = (jnp.zeros((block_m, head_dim_p), jnp.float32),
            jnp.full((block_m,), -jnp.inf, jnp.float32),
-           jnp.zeros((block_m,), jnp.float32),
            jnp.zeros((block_m,), jnp.float32))
-  acc, m, l, poisoned = run_blocks(step, blocks, carry)
+  if not guard_values:
+    return run_blocks(step, blocks, carry)
+  acc, m, l, poisoned = run_blocks(step, blocks, carry + (jnp.zeros((block_m,), jnp.float32),))
   return jnp.where(poisoned[:, None] > 0, jnp.nan, acc), m, l
 
 
@@ -222,12 +227,30 @@ def finite_values(x, vis, poisoned):
   A key a row cannot see has weight 0 there, but ``0 * inf`` is NaN inside the shared product:
   the value is cleared for every row, and the rows that do see it are marked NaN instead
   (design.md: a visible non-finite value gives NaN). Unmasked blocks skip this: every row sees
-  every key, and IEEE arithmetic propagates what they hold.
+  every key, and IEEE arithmetic propagates what they hold. Cheap where the kernel waits on
+  memory (decode); see ``attend`` for the compute-bound prefill.
   """
   ok = jnp.isfinite(x)
   bad_key = jnp.max(jnp.where(ok, 0., 1.), axis=1)  # [N]
   seen = jnp.max(jnp.where(vis, bad_key[None, :], 0.), axis=1)
   return jnp.where(ok, x, jnp.zeros_like(x)), jnp.maximum(poisoned, seen)
+
+
+def poison_rows(out, bad_counts_ref, row_pos, kv_len, valid, *, causal: bool,
+                window: int | None):
+  """``out [M, Hp]`` set to NaN for the rows that see a slot with a non-finite V value.
+
+  ``bad_counts_ref`` ``[S + 1]`` holds, at ``j``, how many of the slots before ``j`` have one
+  (``gqa_pallas.finite.bad_slot_counts``): a row sees one iff the count grows over its visible
+  range ``[lo, hi]``."""
+  num_slots = bad_counts_ref.shape[0] - 1
+  hi = jnp.minimum(row_pos, kv_len - 1) if causal else jnp.full_like(row_pos, kv_len - 1)
+  hi = jnp.minimum(hi, num_slots - 1)
+  lo = jnp.zeros_like(row_pos) if window is None else jnp.maximum(row_pos - window + 1, 0)
+  some = valid & (hi >= lo)
+  top = tc.load(bad_counts_ref.at[jnp.clip(hi + 1, 0, num_slots)], mask=some, other=0)
+  bottom = tc.load(bad_counts_ref.at[jnp.clip(lo, 0, num_slots)], mask=some, other=0)
+  return jnp.where((top > bottom)[:, None], jnp.nan, out)
 
 
 def finalize(acc, m, l):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from gqa_pallas import finite
 from gqa_pallas.triton import compat as tc
 from gqa_pallas.triton import flash
 
@@ -71,13 +72,15 @@ def default_config(head_dim: int, dtype, device_kind: str) -> PrefillConfig:
   return table[(flash.padded_head_dim(head_dim), jnp.dtype(dtype).name)]
 
 
-def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *lse_refs,
-                    scale, causal, block_m, block_k, head_dim, group_size, q_len, window,
-                    soft_cap):
+def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, bad_counts_ref, o_ref,
+                    *lse_refs, scale, causal, block_m, block_k, head_dim, group_size, q_len,
+                    window, soft_cap):
   """One (row tile, kv head, batch row).
 
-  Refs: q and o ``[T, G, Hp]`` of this (b, kv head); k/v ``[S, Hp]``; lse ``[T, G]``. The tile
-  covers flattened rows ``[tile * block_m, (tile + 1) * block_m)`` of ``f = t * G + g``.
+  Refs: q and o ``[T, G, Hp]`` of this (b, kv head); k/v ``[S, Hp]`` (V with its non-finite
+  values cleared, ``bad_counts [S + 1]`` saying where they were: ``gqa_pallas.finite``); lse
+  ``[T, G]``. The tile covers flattened rows ``[tile * block_m, (tile + 1) * block_m)`` of
+  ``f = t * G + g``.
   """
   tile = pl.num_programs(0) - 1 - pl.program_id(0)  # heaviest causal tiles first
   b = pl.program_id(2)
@@ -97,6 +100,8 @@ def _prefill_kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *l
       qk_scale=scale * flash.LOG2_E, head_dim=head_dim, causal=causal, window=window,
       soft_cap=soft_cap)
   out, lse2 = flash.finalize(acc, m, l)
+  out = flash.poison_rows(out, bad_counts_ref, q_offset + t, kv_len, valid, causal=causal,
+                          window=window)
   flash.store_rows(o_ref, out, t, g, valid, head_dim)
   if lse_refs:
     flash.store_row_values(lse_refs[0], lse2 * flash.LN_2, t, g, valid)
@@ -122,13 +127,18 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
                "block_k=%d num_warps=%d num_stages=%d", b, t, s, n, kh, h, q.dtype, grid,
                block_m, block_k, config.num_warps, config.num_stages)
   q5 = q.reshape(b, t, kh, g, h)  # free: the group's heads are adjacent in memory
+  # The kernel's masked blocks do not inspect V (design.md, "Invisible slots"): its non-finite
+  # values are cleared here and the rows that see one marked by the kernel.
+  bad_counts = finite.bad_slot_counts(v)
+  v = finite.clear(v)
   kernel = functools.partial(
       _prefill_kernel, scale=scale, causal=causal, block_m=block_m, block_k=block_k,
       head_dim=h, group_size=g, q_len=t, window=sliding_window, soft_cap=logits_soft_cap)
   qo_spec = pl.BlockSpec((None, t, None, g, head_dim_p), lambda i, kk, bb: (bb, 0, kk, 0, 0))
   kv_spec = pl.BlockSpec((None, s, None, head_dim_p), lambda i, kk, bb: (bb, 0, kk, 0))
   rows_spec = pl.BlockSpec((b,), lambda *_: (0,))  # per-row scalars: the whole [B] vector
-  in_specs = [rows_spec, rows_spec, qo_spec, kv_spec, kv_spec]
+  counts_spec = pl.BlockSpec((None, None, s + 1), lambda i, kk, bb: (bb, kk, 0))
+  in_specs = [rows_spec, rows_spec, qo_spec, kv_spec, kv_spec, counts_spec]
   out_shape = [jax.ShapeDtypeStruct((b, t, kh, g, h), q.dtype)]
   out_specs = [qo_spec]
   if return_lse:
@@ -138,7 +148,7 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=tc.compiler_params(config.num_warps, config.num_stages),
       interpret=interpret, name="gqa_prefill",
-  )(q_offset, kv_lengths, q5, k, v)
+  )(q_offset, kv_lengths, q5, k, v, bad_counts)
   out = outs[0].reshape(b, t, n, h)
   if return_lse:
     return out, outs[1].reshape(b, t, n)
