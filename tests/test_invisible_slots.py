@@ -20,9 +20,7 @@ BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 BAD_VALUES = (jnp.nan, jnp.inf, -jnp.inf)
 # Backends that do not yet keep a non-finite V value inside kv_lengths out of the rows that
 # cannot see it (docs/numerics.md says which and where): their cases are listed, skipped.
-KNOWN_GAPS = {
-    "mosaic": "the Mosaic GPU prefill clears V only past kv_lengths (docs/numerics.md)",
-}
+KNOWN_GAPS = {}
 
 # name, (B, T, S, N, K, H), kv_lengths, q_offset, window, bad slots: (kind, row, slot, kv head,
 # feature, value index). The feature is None for a whole slot.

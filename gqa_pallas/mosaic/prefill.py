@@ -23,7 +23,9 @@ Per row of the batch, keys at or past ``kv_lengths[b]`` and (causal) past each q
 position ``q_offset[b] + t`` are masked; blocks entirely past them are never loaded, and only
 the blocks that cross them pay for the mask. The one block that holds a row's last valid key
 has its V rows past the length zeroed in shared memory before P V, so garbage (NaN) there never
-reaches the output. Callers never pad: tiles that run past T or S are masked in the kernel
+reaches the output. Non-finite V values inside the length (design.md, "Invisible slots"): a
+read-only XLA pass finds each (row, kv head)'s first such slot; masked blocks at or after it
+clear them in shared memory, and the epilogue sets the rows that see it to NaN. Callers never pad: tiles that run past T or S are masked in the kernel
 (TMA fills loads past the array with zeros and clips stores).
 
 Interpreter forms (``interpret=True``, Mosaic GPU's interpreter on the CPU, which lacks a few
@@ -34,7 +36,7 @@ padded to whole blocks and q to whole chunks (the interpreter refuses out-of-bou
 NaN, so the masking of tails is still exercised. In both modes T and S that are not multiples of
 8 are padded to the next multiple of 8 (with NaN, masked the same way): Mosaic GPU's TMA into
 tiled shared memory needs whole 8-row tiles of the array. Everything else (TMA, barriers, the ring, warpgroups,
-both ``wgmma``s, the masks and the zeroing) is the same code.
+both ``wgmma``s, the masks and the clearing) is the same code.
 """
 from __future__ import annotations
 
@@ -186,14 +188,15 @@ def warpgroup_key_blocks(first_chunk, *, num_chunks, group_size, q_len, q_offset
   return full, blocks
 
 
-def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scratch, *,
-            causal, qk_scale, q_len, group_size, num_tiles, block_kv, stages, kv_splits,
-            blocks_per_split, interpret):
+def _kernel(q_offset_ref, kv_lengths_ref, first_bad_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+            scratch, *, causal, qk_scale, q_len, group_size, num_tiles, block_kv, stages,
+            kv_splits, blocks_per_split, interpret):
   """One (query tile, kv head, batch row); see the module docstring for the plan.
 
   Refs: q ``[B, T, N, H]``; k/v ``[B, S, K, H]`` (interpret: k ``[B, K, H, S]``); o
   ``[P, B, T, N, H]`` and lse ``[P, B, N, T]`` (or None), ``P = kv_splits``; q_offset /
-  kv_lengths ``int32[B]``. Split ``p`` sees key blocks ``[p, p + 1) * blocks_per_split``.
+  kv_lengths ``int32[B]``; first_bad ``int32[B, K]`` (``first_bad_slots``). Split ``p`` sees
+  key blocks ``[p, p + 1) * blocks_per_split``.
   """
   (q_smem, k_smem, v_smem, p_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free,
    sched) = scratch
@@ -209,6 +212,7 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
   first_block = split * blocks_per_split
   q_offset = q_offset_ref[b]
   kv_len = kv_lengths_ref[b]
+  first_bad = first_bad_ref[b, kv_head]
   wg = lax.axis_index("wg")
 
   def first_chunk(w):
@@ -257,6 +261,15 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
     plgpu.barrier_wait(q_bar.at[wg])
     full, blocks = key_extent(wg)
 
+    def visible_end():
+      """``[64]`` (causal): each row sees keys ``[0, end)``: kv_len and its own position."""
+      row = layout(lax.broadcasted_iota(jnp.int32, (ROWS_PER_WG,), 0),
+                   plgpu.Layout.WGMMA.reduce(1))
+      rows_chunk = jnp.minimum(first_chunk(wg) + lax.div(row, rows_per_chunk), num_chunks - 1)
+      position = (q_offset + lax.div(rows_chunk, group_size) * rows_per_chunk
+                  + lax.rem(row, rows_per_chunk))
+      return jnp.minimum(position + 1, kv_len)
+
     def visible_keys(i):
       """[64, block_kv] mask of block ``i``: keys before kv_len and (causal) each row's position.
       The bound is worked out per row (two rows per thread), so each score pays one compare."""
@@ -264,12 +277,7 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
                    plgpu.Layout.WGMMA)
       if not causal:
         return key < kv_len - i * block_kv
-      row = layout(lax.broadcasted_iota(jnp.int32, (ROWS_PER_WG,), 0),
-                   plgpu.Layout.WGMMA.reduce(1))
-      rows_chunk = jnp.minimum(first_chunk(wg) + lax.div(row, rows_per_chunk), num_chunks - 1)
-      position = (q_offset + lax.div(rows_chunk, group_size) * rows_per_chunk
-                  + lax.rem(row, rows_per_chunk))
-      bound = jnp.minimum(position + 1, kv_len) - i * block_kv  # keys [0, bound) of the block
+      bound = visible_end() - i * block_kv  # keys [0, bound) of the block
       return key < lax.broadcast_in_dim(bound, key.shape, [0])
 
     def qk(slot):
@@ -296,10 +304,17 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
         wait_keys(i + 1)  # while the tensor cores work on P V
       return pl.run_state(body)(plgpu.ACC.init(acc))
 
-    def zero_v_past_length(i, slot):
-      """Zeroes the V rows at or past kv_len in the block that holds the row's last key."""
+    def clear_v(i, slot):
+      """Zeroes, in the V tile of masked block ``i``, the rows at or past kv_len (the block that
+      holds the row's last key) and, in blocks at or past the first slot with a non-finite
+      value, every non-finite value (never in the common case: ``first_bad`` is then S).
+
+      Both consumers may clear one tile while the other reads it: what they write is the same,
+      and a row that could read a cleared non-finite value sees that slot's first bad slot, so
+      its output is NaN anyway (the epilogue)."""
       start = i * block_kv
-      needs = (start < kv_len) & (kv_len < start + block_kv) & (kv_len < v_ref.shape[1])
+      past_length = (kv_len < start + block_kv) & (kv_len < v_ref.shape[1])
+      needs = (start < kv_len) & (past_length | (first_bad < start + block_kv))
 
       @pl.when(needs)
       def _():
@@ -308,7 +323,9 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
                       plgpu.Layout.WGMMA)
         vals = tile_ref[...] if interpret else plgpu.load(tile_ref, (),
                                                           layout=plgpu.Layout.WGMMA)
-        tile_ref[...] = jnp.where(start + rows < kv_len, vals, jnp.zeros_like(vals))
+        zeros = jnp.zeros_like(vals)
+        finite = jnp.where((vals - vals) == zeros, vals, zeros)  # inf - inf, NaN - NaN: NaN
+        tile_ref[...] = jnp.where(start + rows < kv_len, finite, zeros)
         plgpu.commit_smem()
 
     def step(i, carry, masked):
@@ -337,7 +354,7 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
       plgpu.barrier_arrive(sched)  # softmax done: the other warpgroup may use the tensor cores
       plgpu.barrier_wait(v_bar.at[slot])
       if masked:
-        zero_v_past_length(i, slot)
+        clear_v(i, slot)
       plgpu.barrier_wait(sched)
       acc = pv(acc, p, slot, i)
       plgpu.barrier_arrive(v_free.at[slot])
@@ -367,7 +384,18 @@ def _kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, s
 
     has_keys = l > 0
     l_safe = jnp.where(has_keys, l, 1.)
-    q_tile[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(q_smem.dtype)
+    out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+    # Rows that see the first slot with a non-finite V value, if this split holds it, are NaN
+    # (design.md; the other splits merge into NaN by the lse).
+    split_holds = (first_bad >= first_block * block_kv) & (
+        first_bad < (first_block + blocks_per_split) * block_kv)
+    # Added as NaN or 0 (row vectors broadcast as floats, as l is above).
+    if causal:
+      poison = jnp.where((first_bad < visible_end()) & split_holds, jnp.nan, 0.)
+      out = out + lax.broadcast_in_dim(poison, out.shape, [0])
+    else:  # every row sees [0, kv_len)
+      out = out + jnp.where((first_bad < kv_len) & split_holds, jnp.nan, 0.)
+    q_tile[...] = out.astype(q_smem.dtype)
     if lse_ref is not None:
       lse_smem.at[wg][...] = jnp.where(has_keys, (m + jnp.log2(l_safe)) * LN_2, -jnp.inf)
     plgpu.commit_smem()
@@ -434,6 +462,7 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
   blocks_per_split = pl.cdiv(kv_blocks, min(config.kv_splits, kv_blocks))
   kv_splits = pl.cdiv(kv_blocks, blocks_per_split)  # none left empty
   t_len = t
+  first_bad = first_bad_slots(v, kv_lengths)
   # TMA into tiled shared memory needs the sequence dims of q and k/v in whole 8-row tiles; the
   # hardware zero-fills the rest of a chunk or block that runs past the array (and clips its
   # stores), but the interpreter refuses out-of-bounds TMA, so there T is padded to whole
@@ -472,10 +501,10 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
       num_tiles=num_tiles, block_kv=block_kv, stages=stages, kv_splits=kv_splits,
       blocks_per_split=blocks_per_split, interpret=interpret)
 
-  def body(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref, *lse_refs):
+  def body(q_offset_ref, kv_lengths_ref, first_bad_ref, q_ref, k_ref, v_ref, o_ref, *lse_refs):
     lse_ref = lse_refs[0] if lse_refs else None
-    pl.run_scoped(lambda *refs: kernel(q_offset_ref, kv_lengths_ref, q_ref, k_ref, v_ref, o_ref,
-                                       lse_ref, refs),
+    pl.run_scoped(lambda *refs: kernel(q_offset_ref, kv_lengths_ref, first_bad_ref, q_ref,
+                                       k_ref, v_ref, o_ref, lse_ref, refs),
                   *scratch, collective_axes="wg")
 
   out_type = [jax.ShapeDtypeStruct((kv_splits, b, t, n, h), q.dtype)]
@@ -490,7 +519,7 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
       num_threads=CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=compat.interpret_params() if interpret else None,
-  )(q_offset, kv_lengths, q, k, v)
+  )(q_offset, kv_lengths, first_bad, q, k, v)
   if kv_splits == 1:
     out, lse = outs[0][0], outs[1][0] if with_lse else None
   else:
@@ -499,6 +528,17 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
   if return_lse:
     return out, jnp.transpose(lse[:, :, :t_len], (0, 2, 1))
   return out
+
+
+def first_bad_slots(v, kv_lengths):
+  """``int32[B, K]``: the first slot below ``kv_lengths[b]`` whose V holds a non-finite value
+  (``S`` if none). One read-only pass over V in XLA: the kernel clears non-finite values only in
+  blocks at or after it, and marks the rows that see it."""
+  s = v.shape[1]
+  bad = ~jnp.all(jnp.isfinite(v), axis=-1)  # [B, S, K]
+  slot = jnp.arange(s, dtype=jnp.int32)[None, :, None]
+  bad = bad & (slot < kv_lengths[:, None, None])
+  return jnp.min(jnp.where(bad, slot, s), axis=1).astype(jnp.int32)
 
 
 def merge_splits(outs, lses):
