@@ -18,9 +18,6 @@ from tests import backend_cases, numerics
 
 BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 BAD_VALUES = (jnp.nan, jnp.inf, -jnp.inf)
-# Backends that do not yet keep a non-finite V value inside kv_lengths out of the rows that
-# cannot see it (docs/numerics.md says which and where): their cases are listed, skipped.
-KNOWN_GAPS = {}
 
 # name, (B, T, S, N, K, H), kv_lengths, q_offset, window, bad slots: (kind, row, slot, kv head,
 # feature, value index). The feature is None for a whole slot.
@@ -116,10 +113,6 @@ def _problem(name, case, dtype, op="prefill", tier="cpu"):
                           device=backend_cases.device_for(tier), sliding_window=case[4])
 
 
-def _gap(name):
-  return [pytest.mark.skip(reason=KNOWN_GAPS[name])] if name in KNOWN_GAPS else []
-
-
 def _params(cases, tier, op="prefill", dtypes=(BF16, F16, F32)):
   out = []
   names = registry.implementing(op) if tier == "cpu" else backend_cases.implementing(op)
@@ -131,7 +124,7 @@ def _params(cases, tier, op="prefill", dtypes=(BF16, F16, F32)):
                     if backend.unsupported(_problem(name, case, d, op, tier)) is None), None)
       if dtype is not None:
         out.append(pytest.param(name, case, dtype, tier, id=f"{name}-{case[0]}",
-                                marks=marks + _gap(name)))
+                                marks=marks))
   return out
 
 
@@ -186,7 +179,7 @@ def _grad_params():
     dtype = next((d for d in (F32, BF16, F16)
                   if backend.unsupported(_problem(name, case, d)) is None), None)
     if dtype is not None:
-      out.append(pytest.param(name, dtype, id=name, marks=_gap(name)))
+      out.append(pytest.param(name, dtype, id=name))
   return out
 
 
