@@ -20,6 +20,7 @@ def _plan(op, q, k, v, q_offset, kv_lengths, scale, implementation, interpret, c
   """Validates once and fills the defaults: ``(backend, config, q_offset, kv_lengths, scale,
   problem)``."""
   dims, q_offset, kv_lengths = validation.validate_attention(q, k, v, q_offset, kv_lengths)
+  validation.check_flags(causal=causal, interpret=interpret)
   validation.check_scale(scale)
   sliding_window, logits_soft_cap = validation.check_window_and_cap(sliding_window,
                                                                     logits_soft_cap, causal)
@@ -64,6 +65,7 @@ def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale
   Returns:
     ``[B, T, N, H]`` in q's dtype (and the lse). Differentiable in q, k, v.
   """
+  validation.check_flags(return_lse=return_lse)
   backend, config, q_offset, kv_lengths, scale, problem = _plan(
       "prefill", q, k, v, q_offset, kv_lengths, scale, implementation, interpret, config, causal,
       sliding_window, logits_soft_cap)
@@ -117,6 +119,7 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
   # The backend gets q_offset=None for the default (lengths - T): a kernel can derive it itself
   # instead of launching an elementwise op per step.
   offset_given = q_offset is not None
+  validation.check_flags(return_lse=return_lse)
   backend, config, q_offset, kv_lengths, scale, problem = _plan(
       "decode", q, cache.k, cache.v, q_offset, cache.lengths, scale, implementation, interpret,
       config, True, sliding_window, logits_soft_cap)

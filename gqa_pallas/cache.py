@@ -11,13 +11,14 @@ tokens that do not fit are dropped, the row's length saturates at ``S_max`` and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from gqa_pallas import devices, registry, validation
+from gqa_pallas import devices, reference, registry, validation
 
 
 def _is_concrete(*xs) -> bool:
@@ -39,6 +40,36 @@ def _check_fits(lengths, num_new, t_new, s_max) -> None:
     raise ValueError(
         f"KV cache overflow: {where(idx)} holds {int(lengths[idx])} tokens and appends "
         f"{int(num_new[idx])}, more than max_length={s_max}.")
+
+
+def _run_append(backend, interpret, k, v, lengths, overflowed, k_new, v_new, num_new):
+  with registry.kernel_scope():
+    return backend.append(k, v, lengths, overflowed, k_new, v_new, num_new, interpret=interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _differentiable_append(run, k, v, lengths, overflowed, k_new, v_new, num_new):
+  """An append kernel, differentiable in the cache's and the new tokens' values through the
+  reference's VJP (the write is a scatter: each slot's cotangent goes to what landed there)."""
+  return run(k, v, lengths, overflowed, k_new, v_new, num_new)
+
+
+def _append_fwd(run, k, v, lengths, overflowed, k_new, v_new, num_new):
+  out = run(k, v, lengths, overflowed, k_new, v_new, num_new)
+  return out, (k, v, lengths, overflowed, k_new, v_new, num_new)
+
+
+def _append_bwd(run, residuals, cotangent):
+  del run
+  k, v, lengths, overflowed, k_new, v_new, num_new = residuals
+  values = lambda k, v, k_new, v_new: reference.append_reference(
+      k, v, lengths, overflowed, k_new, v_new, num_new)[:2]
+  _, vjp = jax.vjp(values, k, v, k_new, v_new)
+  dk, dv, dk_new, dv_new = vjp(tuple(cotangent[:2]))
+  return dk, dv, None, None, dk_new, dv_new, None
+
+
+_differentiable_append.defvjp(_append_fwd, _append_bwd)
 
 
 @jax.tree_util.register_dataclass
@@ -161,6 +192,7 @@ class KVCache:
       raise ValueError(f"append expects [B, T_new, K, H] = [{b}, T_new, {kh}, {h}]; got "
                        f"{k_new.shape}.")
     t_new = k_new.shape[1]
+    validation.check_flags(interpret=interpret)
     for name, x in (("k_new", k_new), ("v_new", v_new)):
       validation.check_float_dtype(name, x)
     num_new = validation.check_per_row("num_new", num_new, b)
@@ -173,10 +205,12 @@ class KVCache:
                                device=devices.current())
     backend = registry.resolve(implementation, problem)
     lengths = self.lengths.astype(jnp.int32)  # int64 under x64 (a hand-built cache)
-    with registry.kernel_scope():
-      k, v, lengths, overflowed = backend.append(
-          self.k, self.v, lengths, self.overflowed, k_new.astype(self.k.dtype),
-          v_new.astype(self.v.dtype), num_new, interpret=interpret)
+    run = functools.partial(_run_append, backend, bool(interpret))
+    if not backend.differentiable:
+      run = functools.partial(_differentiable_append, run)
+    k, v, lengths, overflowed = run(self.k, self.v, lengths, self.overflowed,
+                                    k_new.astype(self.k.dtype), v_new.astype(self.v.dtype),
+                                    num_new)
     return KVCache(k=k, v=v, lengths=lengths, overflowed=overflowed)
 
   def reset(self, rows=None) -> "KVCache":

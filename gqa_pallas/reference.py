@@ -136,6 +136,7 @@ def attention_reference(q, k, v, *, causal=True, q_offset=None, kv_lengths=None,
     ``[B, T, N, H]`` in q's dtype, and the lse when ``return_lse``.
   """
   dims, q_offset, kv_lengths = validation.validate_attention(q, k, v, q_offset, kv_lengths)
+  validation.check_flags(causal=causal, return_lse=return_lse)
   validation.check_scale(scale)
   sliding_window, logits_soft_cap = validation.check_window_and_cap(sliding_window,
                                                                     logits_soft_cap, causal)

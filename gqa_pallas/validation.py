@@ -157,6 +157,15 @@ def check_window_and_cap(sliding_window, logits_soft_cap, causal=True):
   return sliding_window, logits_soft_cap
 
 
+def check_flags(**flags) -> None:
+  """Static switches (``causal``, ``return_lse``, ``interpret``) must be bools: a truthy string
+  such as ``"false"`` would silently mean ``True``."""
+  for name, value in flags.items():
+    if not isinstance(value, (bool, np.bool_)):
+      raise TypeError(f"{name} must be a bool (True or False); got {type(value).__name__} "
+                      f"{value!r}.")
+
+
 def check_scale(scale):
   if scale is not None and not isinstance(scale, (int, float, np.floating)):
     raise TypeError(f"scale must be a Python float or None; got {type(scale).__name__}.")

@@ -1,6 +1,7 @@
 """``KVCache.append`` through every backend that implements it, against the reference's ``jnp``
 path (``"xla"``), bit for bit: the kernel code on this CPU (interpreters), lowered for CUDA on
 this CPU, and compiled on a GPU (``-m gpu``)."""
+import dataclasses
 import functools
 
 import jax
@@ -105,6 +106,27 @@ def test_lengths_outside_the_cache_act_as_its_ends(name):
   np.testing.assert_array_equal(np.asarray(ref.k[0, :2]), np.asarray(k_new[0]))
   np.testing.assert_array_equal(np.asarray(ref.k[0, 2:]), np.asarray(cache.k[0, 2:]))
   np.testing.assert_array_equal(np.asarray(ref.k[1]), np.asarray(cache.k[1]))
+
+
+@pytest.mark.parametrize("name", APPEND_BACKENDS)
+def test_gradients_through_the_append(name):
+  """jax.grad through an append kernel: each slot's cotangent goes to what landed there (the
+  reference's VJP), as through the jnp path."""
+  rng = np.random.default_rng(6)
+  cache = _random_cache(rng, 2, 8, 2, 16, F32, [3, 7], overflowed=[False, False])
+  k_new = jnp.asarray(rng.normal(size=(2, 2, 2, 16)), F32)
+  weights = jnp.asarray(rng.normal(size=(2, 8, 2, 16)), F32)
+
+  def loss(impl, interpret, k, k_new):
+    c = dataclasses.replace(cache, k=k)
+    out = c.append(k_new, 2 * k_new, jnp.array([2, 1]), implementation=impl, interpret=interpret)
+    return jnp.sum(out.k * weights) + jnp.sum(out.v * weights ** 2)
+
+  grads = jax.grad(functools.partial(loss, name, True), argnums=(0, 1))(cache.k, k_new)
+  want = jax.grad(functools.partial(loss, "xla", False), argnums=(0, 1))(cache.k, k_new)
+  for g, w in zip(grads, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  assert np.any(np.asarray(want[1]))
 
 
 @pytest.mark.parametrize("name", APPEND_BACKENDS)

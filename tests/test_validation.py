@@ -71,6 +71,9 @@ BAD_ATTENTION = [
      r"q_offset must be an integer array int32\[2\]; got dtype float64"),
     ("q_offset_wrong_len", dict(q_offset=jnp.array([1])), ValueError,
      r"q_offset must have shape \[B\] = \(2,\); got \(1,\)"),
+    ("causal_string", dict(causal="False"), TypeError,
+     r"causal must be a bool \(True or False\); got str 'False'"),
+    ("return_lse_int", dict(return_lse=1), TypeError, r"return_lse must be a bool"),
     ("scale_string", dict(scale="0.5"), TypeError, r"scale must be a Python float or None; got str"),
     ("scale_array", dict(scale=jnp.array([0.5, 0.5])), TypeError,
      r"scale must be a Python float or None"),
@@ -143,6 +146,8 @@ BAD_DECODE = [
     ("q_offset_shape", dict(q_offset=jnp.array([1, 2, 3])), ValueError,
      r"q_offset must have shape \[B\] = \(2,\); got \(3,\)"),
     ("scale_string", dict(scale="x"), TypeError, r"scale must be a Python float or None"),
+    ("interpret_string", dict(interpret="false"), TypeError, r"interpret must be a bool"),
+    ("return_lse_none", dict(return_lse=None), TypeError, r"return_lse must be a bool"),
 ]
 
 
