@@ -262,7 +262,7 @@ def read_safetensors(filename) -> Dict[str, np.ndarray]:
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError("load_hf_checkpoint needs the 'safetensors' package: "
-                      "pip install safetensors") from e
+                      "pip install 'gqa-pallas[hf]' (or pip install safetensors)") from e
   try:
     with safe_open(os.fspath(filename), framework="np") as f:
       return {name: f.get_tensor(name) for name in f.keys()}

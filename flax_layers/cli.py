@@ -82,6 +82,8 @@ def _run_generation(config, params, prompts, *, max_new_tokens, impl, interpret,
   rng = jax.random.PRNGKey(rng_seed)
   kw = dict(rng=rng, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos,
             implementation=impl, interpret=interpret)
+  print(f"compiling and running the first call ({len(prompts)} prompts, {max_new_tokens} new "
+        "tokens each at most)...", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
   out = jax.block_until_ready(generate(config, params, tokens, lengths, max_new_tokens, **kw))
   first = time.perf_counter() - t0
@@ -94,15 +96,15 @@ def _run_generation(config, params, prompts, *, max_new_tokens, impl, interpret,
   return new, num, first, timed
 
 
-def _report_speed(num, first, timed, warmup):
+def _report_speed(num, first, timed, warmup, file=None):
   total = int(num.sum())
   rate = total / timed if timed > 0 else float("inf")
+  what = f"{total} new tokens in all ({len(num)} rows)"
   if warmup:
-    print(f"{total} new tokens (batch {len(num)}) in {timed * 1e3:.1f} ms: {rate:,.1f} tokens/s "
-          f"(compiled; the first call, with compilation, took {first:.2f} s)")
+    print(f"{what} in {timed * 1e3:.1f} ms: {rate:,.1f} tokens/s (compiled; the first call, "
+          f"with compilation, took {first:.2f} s)", file=file)
   else:
-    print(f"{total} new tokens (batch {len(num)}) in {timed:.2f} s including compilation: "
-          f"{rate:,.1f} tokens/s")
+    print(f"{what} in {timed:.2f} s including compilation: {rate:,.1f} tokens/s", file=file)
   return rate
 
 
@@ -234,7 +236,9 @@ def cmd_generate(args) -> int:
       print(f"[{i}] new ids: {' '.join(map(str, row['new_ids']))}")
       if "text" in row:
         print(f"[{i}] text: {row['text']}")
-  _report_speed(num, first, timed, warmup=not args.no_warmup)
+  # With --json, stdout holds the JSON alone (it parses); the speed goes to stderr.
+  _report_speed(num, first, timed, warmup=not args.no_warmup,
+                file=sys.stderr if args.json else None)
   return 0
 
 
@@ -244,11 +248,23 @@ def cmd_generate(args) -> int:
 def _backend_args(p):
   p.add_argument("--implementation", choices=("auto",) + IMPLEMENTATIONS, default="auto",
                  help="attention backend of the model: auto = the Pallas kernels on a GPU, XLA "
-                 "on CPU (default)")
+                 "on CPU")
   p.add_argument("--interpret", action="store_true",
                  help="run the model's attention through the Pallas kernels in interpret mode "
                  "(CPU; slow but exercises the kernel code)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="seed of the random model, prompts and "
+                 "sampling")
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+  """Shows each option's default after its help, unless it has none to show."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if ("(default" in text or action.default is None or action.default is False
+        or action.default == argparse.SUPPRESS):
+      return text
+    return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,15 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
       "model, and generation from Hugging Face Llama / Qwen2 / Mistral checkpoints.")
   sub = parser.add_subparsers(dest="command")
 
-  d = sub.add_parser("demo", help="kernels vs reference, then a small model generating")
+  fmt = dict(formatter_class=_HelpWithDefaults)
+  d = sub.add_parser("demo", help="kernels vs reference, then a small model generating", **fmt)
   _backend_args(d)
-  d.add_argument("--max-new-tokens", type=int, default=32)
-  d.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  d.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per row")
+  d.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="the model's compute and parameter dtype")
   d.add_argument("--no-cross-check", action="store_true",
                  help="skip re-running the generation through the kernels")
   d.set_defaults(func=cmd_demo)
 
-  g = sub.add_parser("generate", help="generate from a HF checkpoint (or a random model)")
+  g = sub.add_parser("generate", help="generate from a HF checkpoint (or a random model)", **fmt)
   g.add_argument("--checkpoint", metavar="DIR",
                  help="HF Llama/Qwen2/Mistral directory (config.json + safetensors); without it "
                  "a small random-weight model is built")
@@ -275,10 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--prompt-ids", action="append", metavar="IDS",
                  help="prompt token ids, e.g. '1 15043 29892'; repeat for a batch")
   g.add_argument("--batch", type=int, default=4, help="random prompts when none is given")
-  g.add_argument("--max-new-tokens", type=int, default=32)
-  g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  g.add_argument("--top-k", type=int, default=None)
-  g.add_argument("--top-p", type=float, default=None)
+  g.add_argument("--max-new-tokens", type=int, default=32,
+                 help="tokens generated per row, at most (a row stops at its eos)")
+  g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  g.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens")
+  g.add_argument("--top-p", type=float, default=None,
+                 help="sample from the smallest set of tokens holding probability p")
   g.add_argument("--eos-id", type=int, default=None,
                  help="stop token (default: the checkpoint's eos_token_id)")
   g.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")

@@ -183,9 +183,16 @@ def _check_prompts(config: DecoderConfig, prompt_tokens, prompt_lengths, max_new
       raise ValueError(f"prompt_lengths[{row}] = {lengths[row]} is outside [1, T={t}].")
   if not isinstance(prompt_tokens, jax.core.Tracer):
     toks = np.asarray(prompt_tokens)
-    if toks.size and (toks.min() < 0 or toks.max() >= config.vocab_size):
-      raise ValueError(f"prompt_tokens must be in [0, vocab_size={config.vocab_size}); got "
-                       f"values in [{toks.min()}, {toks.max()}].")
+    # Only the tokens inside each row's prompt_lengths count: the padding may hold anything.
+    valid = np.ones(toks.shape, bool)
+    if not isinstance(prompt_lengths, jax.core.Tracer):
+      valid = np.arange(t)[None, :] < np.asarray(prompt_lengths)[:, None]
+    bad = valid & ((toks < 0) | (toks >= config.vocab_size))
+    if bad.any():
+      row, pos = (int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f"prompt_tokens[{row}, {pos}] = {toks[row, pos]} is outside [0, "
+                       f"vocab_size={config.vocab_size}) ({int(bad.sum())} such tokens inside "
+                       "prompt_lengths; padding past them is not checked).")
   return prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32)
 
 

@@ -16,10 +16,20 @@ from tests.decoder_fixtures import hf_config, hf_tensors, write_checkpoint
 def test_cli_generate_random_model(capsys):
   from flax_layers.cli import main
   assert main(["generate", "--max-new-tokens", "5", "--batch", "2", "--json", "--no-warmup"]) == 0
-  out = capsys.readouterr().out.strip().splitlines()
-  rows = json.loads(out[0])
+  captured = capsys.readouterr()
+  rows = json.loads(captured.out)  # stdout is the JSON alone
   assert len(rows) == 2 and all(len(r["new_ids"]) == 5 for r in rows)
-  assert "tokens/s" in out[-1]
+  err = captured.err.strip().splitlines()
+  assert "tokens/s" in err[-1] and "10 new tokens in all (2 rows)" in err[-1]
+  assert any(line.startswith("compiling and running the first call") for line in err)
+
+
+def test_cli_help_shows_defaults(capsys):
+  from flax_layers.cli import main
+  with pytest.raises(SystemExit):
+    main(["generate", "--help"])
+  out = capsys.readouterr().out
+  assert "(default: 32)" in out and "(default: auto)" in out
 
 
 def test_cli_generate_checkpoint_with_tokenizer(tiny, tmp_path, capsys):
@@ -38,7 +48,7 @@ def test_cli_generate_checkpoint_with_tokenizer(tiny, tmp_path, capsys):
   # Token ids agree with the Python API.
   assert main(["generate", "--checkpoint", str(path), "--prompt-ids", "1 2 3",
                "--max-new-tokens", "4", "--json", "--no-warmup"]) == 0
-  row = json.loads(capsys.readouterr().out.strip().splitlines()[0])[0]
+  row = json.loads(capsys.readouterr().out)[0]
   expected, _ = generate(config, params, np.array([[1, 2, 3]], np.int32), np.array([3]), 4,
                          implementation="xla")
   assert row["new_ids"] == np.asarray(expected)[0].tolist()

@@ -140,8 +140,14 @@ def test_generate_input_errors(tiny):
     generate(config, params, prompts, np.array([4, 2]), 4)
   with pytest.raises(ValueError, match="max_new_tokens"):
     generate(config, params, prompts, lengths, 0)
-  with pytest.raises(ValueError, match="vocab_size"):
+  with pytest.raises(ValueError, match=r"prompt_tokens\[0, 0\] = .* is outside \[0, vocab_size"):
     generate(config, params, prompts + 64, lengths, 4)
+  # Padding past prompt_lengths may hold anything (here -1 and the vocabulary size).
+  padded = np.asarray(prompts).copy()
+  for row, n in enumerate(np.asarray(lengths)):
+    padded[row, n:] = -1 if row % 2 else config.vocab_size
+  np.testing.assert_array_equal(np.asarray(generate(config, params, padded, lengths, 3)[0]),
+                                np.asarray(generate(config, params, prompts, lengths, 3)[0]))
   with pytest.raises(ValueError, match="max_position_embeddings"):
     generate(config, params, prompts, lengths, 63)
   with pytest.raises(ValueError, match="eos_token_id"):
