@@ -221,8 +221,8 @@ def attend(q, k_ref, v_ref, row_pos, kv_len, *, blocks, block_k: int, qk_scale: 
 
 
 def finite_values(x, vis, poisoned):
-  """A masked block's tile ``x [N, Hp]`` (its V, or K for a product after the mask) with
-  non-finite values set to 0, and ``poisoned [M]`` set for the rows that see such a key.
+  """A masked block's V tile ``x [N, Hp]`` with non-finite values set to 0, and ``poisoned
+  [M]`` set for the rows that see such a key.
 
   A key a row cannot see has weight 0 there, but ``0 * inf`` is NaN inside the shared product:
   the value is cleared for every row, and the rows that do see it are marked NaN instead
