@@ -100,14 +100,19 @@ def sample_logits(logits, rng=None, *, temperature: float = 0.0, top_k: Optional
 @functools.partial(
     jax.jit,
     static_argnames=("config", "max_new_tokens", "greedy", "top_k", "use_top_p",
-                     "implementation", "interpret", "precision"),
+                     "implementation", "interpret", "precision", "fresh_cache"),
     donate_argnames=("cache",))
 def _generate_jit(params, cache, prompt_tokens, prompt_lengths, rng, temperature, top_p, eos_ids,
                   *, config, max_new_tokens, greedy, top_k, use_top_p, implementation, interpret,
-                  precision):
+                  precision, fresh_cache=None):
+  """The whole generation, one program. ``fresh_cache = (max_length, dtype name)`` builds an
+  empty cache inside it (``cache`` is then ``None`` and none is returned): ``generate`` then
+  launches no eager allocation per layer and reads nothing back before the call."""
   _TRACE_COUNT[0] += 1
   model = Decoder(config, implementation=implementation, interpret=interpret, precision=precision)
   b, t = prompt_tokens.shape
+  if fresh_cache is not None:
+    cache = init_cache(config, b, fresh_cache[0], jnp.dtype(fresh_cache[1]))
   start = _cache_lengths(cache)
   positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   logits, cache = model.apply({"params": params}, prompt_tokens, positions=positions, cache=cache,
@@ -149,7 +154,7 @@ def _generate_jit(params, cache, prompt_tokens, prompt_lengths, rng, temperature
 
   state = (jnp.int32(1), tok, pos, cache, out, done, num)
   _, _, _, cache, out, _, num = jax.lax.while_loop(cond, body, state)
-  return out, num, cache
+  return out, num, (None if fresh_cache is not None else cache)
 
 
 def _as_eos_array(eos_token_id):
@@ -267,9 +272,15 @@ def generate(config: DecoderConfig, params, prompt_tokens, prompt_lengths, max_n
   if max_length < needed:
     raise ValueError(f"max_length={max_length} is shorter than T + max_new_tokens - 1 = {needed}.")
   config.check_sequence_length(needed)
-  cache = init_cache(config, b, max_length, cache_dtype)
-  tokens, num, _ = generate_with_cache(
-      config, params, cache, prompt_tokens, prompt_lengths, max_new_tokens, rng=rng,
-      temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-      implementation=implementation, interpret=interpret, precision=precision)
+  greedy, top_k, use_top_p = _check_sampling(rng, temperature, top_k, top_p)
+  if rng is None:
+    rng = jax.random.PRNGKey(0)
+  # The cache is built inside the compiled program (host overhead: no eager zeros per layer).
+  cache_dtype = jnp.dtype(config.compute_dtype if cache_dtype is None else cache_dtype).name
+  tokens, num, _ = _generate_jit(
+      params, None, prompt_tokens, prompt_lengths, rng,
+      jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
+      _as_eos_array(eos_token_id), config=config, max_new_tokens=int(max_new_tokens),
+      greedy=greedy, top_k=top_k, use_top_p=use_top_p, implementation=implementation,
+      interpret=bool(interpret), precision=precision, fresh_cache=(max_length, cache_dtype))
   return tokens, num

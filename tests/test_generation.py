@@ -88,6 +88,30 @@ def test_generate_greedy_eos_fill_and_no_retrace(tiny):
   assert stop <= 2 and np.all(np.asarray(t3)[1, stop:] == eos2)
 
 
+def test_generate_builds_its_cache_inside_the_program(tiny, monkeypatch):
+  """Host overhead: no eager per-layer cache allocation before the call; the result equals
+  generate_with_cache over an eagerly built cache."""
+  config, params = tiny
+  prompts, lengths = ragged_prompts(3, [5, 3])
+  built = []
+  real = generation.init_cache
+
+  def spy(*args, **kwargs):
+    cache = real(*args, **kwargs)
+    built.append(isinstance(jax.tree_util.tree_leaves(cache)[0], jax.core.Tracer))
+    return cache
+
+  monkeypatch.setattr(generation, "init_cache", spy)
+  tokens, num = generate(config, params, prompts, lengths, 6, implementation="xla",
+                         max_length=17)  # a cache length no other test compiles
+  assert built == [True]  # traced once, inside jit; nothing built eagerly
+  monkeypatch.undo()
+  want, want_num, _ = generate_with_cache(config, params, init_cache(config, 2, 17), prompts,
+                                          lengths, 6, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(num), np.asarray(want_num))
+
+
 def test_generate_sampling_and_interpret_mode(tiny):
   config, params = tiny
   prompts, lengths = ragged_prompts(1, [5, 3, 1])
