@@ -208,3 +208,27 @@ def test_gradients_ignore_slots_no_query_sees(name, dtype):
                  argnums=(0, 1, 2))(q, k_clean, v_clean)
   for what, g, g32, gd in zip("qkv", grads, r32, r_d):
     numerics.assert_parity(g, g32, gd, factor=3.0, name=f"d{what}")
+
+
+@pytest.mark.skipif("mosaic" not in registry.names(), reason="no Mosaic GPU backend")
+def test_mosaic_split_keys():
+  """The Mosaic prefill with its keys split over CTAs (chunked prefill): a bad V slot in the
+  last split poisons only the rows that see it; one in the first split poisons every row, and a
+  later one in another split is cleared there (the splits merge into NaN)."""
+  from gqa_pallas.mosaic.prefill import MosaicPrefillConfig  # pylint: disable=g-import-not-at-top
+  q, k, v = numerics.random_qkv(5, 1, 20, 300, 4, 2, 64, BF16)
+  q_offset = jnp.array([280], jnp.int32)
+  for bad_slots in ([290], [150, 295]):
+    bad_v = v
+    for slot in bad_slots:
+      bad_v = bad_v.at[0, slot, 1, 3].set(jnp.inf)
+    out = gp.gqa_attention(q, k, bad_v, q_offset=q_offset, implementation="mosaic",
+                           interpret=True, config=MosaicPrefillConfig(kv_splits=2))
+    ref = gp.attention_reference(q, k, bad_v, q_offset=q_offset)
+    np.testing.assert_array_equal(~np.isfinite(np.asarray(out, np.float32)),
+                                  np.isnan(np.asarray(ref, np.float32)))
+    clean = jnp.isfinite(ref)
+    assert 0 < int(clean.sum()) < ref.size
+    r_d = gp.attention_reference(q, k, bad_v, q_offset=q_offset, compute_dtype=BF16)
+    numerics.assert_parity(jnp.where(clean, out, 0), jnp.where(clean, ref, 0),
+                           jnp.where(clean, r_d, 0))
