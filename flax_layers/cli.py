@@ -23,7 +23,6 @@ import numpy as np
 from gqa_pallas import IMPLEMENTATIONS, devices, registry, selfcheck
 
 
-
 class UsageError(Exception):
   """A mistake in the command line (printed as one line, exit status 2)."""
 

@@ -225,6 +225,17 @@ def generate_with_cache(config: DecoderConfig, params, cache, prompt_tokens, pro
       raise ValueError(f"row {row} needs {int(need[row])} cache slots (held + prompt + "
                        f"max_new_tokens - 1); the cache holds {cache_len}.")
     config.check_sequence_length(int(need.max()))
+  return _run(config, params, cache, prompt_tokens, prompt_lengths, max_new_tokens, rng=rng,
+              temperature=temperature, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+              top_p=top_p, eos_token_id=eos_token_id, implementation=implementation,
+              interpret=interpret, precision=precision)
+
+
+def _run(config, params, cache, prompt_tokens, prompt_lengths, max_new_tokens, *, rng,
+         temperature, greedy, top_k, use_top_p, top_p, eos_token_id, implementation, interpret,
+         precision, fresh_cache=None):
+  """The compiled loop on checked inputs: traced scalars and the EOS ids in their fixed form,
+  so that calls differing only in their values share one program."""
   if rng is None:
     rng = jax.random.PRNGKey(0)
   return _generate_jit(
@@ -232,7 +243,7 @@ def generate_with_cache(config: DecoderConfig, params, cache, prompt_tokens, pro
       jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
       _as_eos_array(eos_token_id), config=config, max_new_tokens=int(max_new_tokens),
       greedy=greedy, top_k=top_k, use_top_p=use_top_p, implementation=implementation,
-      interpret=bool(interpret), precision=precision)
+      interpret=bool(interpret), precision=precision, fresh_cache=fresh_cache)
 
 
 def generate(config: DecoderConfig, params, prompt_tokens, prompt_lengths, max_new_tokens: int,
@@ -273,14 +284,11 @@ def generate(config: DecoderConfig, params, prompt_tokens, prompt_lengths, max_n
     raise ValueError(f"max_length={max_length} is shorter than T + max_new_tokens - 1 = {needed}.")
   config.check_sequence_length(needed)
   greedy, top_k, use_top_p = _check_sampling(rng, temperature, top_k, top_p)
-  if rng is None:
-    rng = jax.random.PRNGKey(0)
   # The cache is built inside the compiled program (host overhead: no eager zeros per layer).
   cache_dtype = jnp.dtype(config.compute_dtype if cache_dtype is None else cache_dtype).name
-  tokens, num, _ = _generate_jit(
-      params, None, prompt_tokens, prompt_lengths, rng,
-      jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
-      _as_eos_array(eos_token_id), config=config, max_new_tokens=int(max_new_tokens),
-      greedy=greedy, top_k=top_k, use_top_p=use_top_p, implementation=implementation,
-      interpret=bool(interpret), precision=precision, fresh_cache=(max_length, cache_dtype))
+  tokens, num, _ = _run(config, params, None, prompt_tokens, prompt_lengths, max_new_tokens,
+                        rng=rng, temperature=temperature, greedy=greedy, top_k=top_k,
+                        use_top_p=use_top_p, top_p=top_p, eos_token_id=eos_token_id,
+                        implementation=implementation, interpret=interpret,
+                        precision=precision, fresh_cache=(max_length, cache_dtype))
   return tokens, num

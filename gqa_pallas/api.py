@@ -16,11 +16,11 @@ from gqa_pallas.cache import KVCache
 
 
 def _plan(op, q, k, v, q_offset, kv_lengths, scale, implementation, interpret, config, causal,
-          sliding_window=None, logits_soft_cap=None):
+          return_lse, sliding_window=None, logits_soft_cap=None):
   """Validates once and fills the defaults: ``(backend, config, q_offset, kv_lengths, scale,
   problem)``."""
   dims, q_offset, kv_lengths = validation.validate_attention(q, k, v, q_offset, kv_lengths)
-  validation.check_flags(causal=causal, interpret=interpret)
+  validation.check_flags(causal=causal, interpret=interpret, return_lse=return_lse)
   validation.check_scale(scale)
   sliding_window, logits_soft_cap = validation.check_window_and_cap(sliding_window,
                                                                     logits_soft_cap, causal)
@@ -65,10 +65,9 @@ def gqa_attention(q, k, v, *, causal=True, q_offset=None, kv_lengths=None, scale
   Returns:
     ``[B, T, N, H]`` in q's dtype (and the lse). Differentiable in q, k, v.
   """
-  validation.check_flags(return_lse=return_lse)
   backend, config, q_offset, kv_lengths, scale, problem = _plan(
       "prefill", q, k, v, q_offset, kv_lengths, scale, implementation, interpret, config, causal,
-      sliding_window, logits_soft_cap)
+      return_lse, sliding_window, logits_soft_cap)
   if _empty(problem.dims):
     return reference.empty_result(q, return_lse)  # nothing to launch, whatever the backend
   # Lengths past S act as S, negative ones as 0 (design.md): the kernels get them in range.
@@ -119,10 +118,9 @@ def gqa_decode(q, cache: KVCache, *, q_offset=None, scale=None, implementation=N
   # The backend gets q_offset=None for the default (lengths - T): a kernel can derive it itself
   # instead of launching an elementwise op per step.
   offset_given = q_offset is not None
-  validation.check_flags(return_lse=return_lse)
   backend, config, q_offset, kv_lengths, scale, problem = _plan(
       "decode", q, cache.k, cache.v, q_offset, cache.lengths, scale, implementation, interpret,
-      config, True, sliding_window, logits_soft_cap)
+      config, True, return_lse, sliding_window, logits_soft_cap)
   if _empty(problem.dims):
     res = reference.empty_result(q, return_lse)
     return jax.tree_util.tree_map(lambda x: x[:, 0], res) if single else res

@@ -26,7 +26,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gqa_pallas import validation
+from gqa_pallas import finite, validation
 
 
 def resolve_positions(dims, q_offset, kv_lengths):
@@ -66,9 +66,7 @@ def finite_keys(k, v):
   K]`` (the slot has a non-finite value in some feature); ``poison`` turns them into the rows
   that see one.
   """
-  ok_k, ok_v = jnp.isfinite(k), jnp.isfinite(v)
-  return (jnp.where(ok_k, k, 0), jnp.where(ok_v, v, 0), ~jnp.all(ok_k, axis=-1),
-          ~jnp.all(ok_v, axis=-1))
+  return finite.clear(k), finite.clear(v), finite.bad_slots(k), finite.bad_slots(v)
 
 
 def poison(x, visible, bad, group_size: int):

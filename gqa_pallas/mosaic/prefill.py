@@ -25,8 +25,9 @@ the blocks that cross them pay for the mask. The one block that holds a row's la
 has its V rows past the length zeroed in shared memory before P V, so garbage (NaN) there never
 reaches the output. Non-finite V values inside the length (design.md, "Invisible slots"): a
 read-only XLA pass finds each (row, kv head)'s first such slot; masked blocks at or after it
-clear them in shared memory, and the epilogue sets the rows that see it to NaN. Callers never pad: tiles that run past T or S are masked in the kernel
-(TMA fills loads past the array with zeros and clips stores).
+clear them in shared memory, and the epilogue sets the rows that see it to NaN. Callers never
+pad: tiles that run past T or S are masked in the kernel (TMA fills loads past the array with
+zeros and clips stores).
 
 Interpreter forms (``interpret=True``, Mosaic GPU's interpreter on the CPU, which lacks a few
 idioms in jax 0.10): K arrives pre-transposed so S = Q K^T needs no transposed shared-memory
@@ -50,6 +51,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from gqa_pallas import finite
 from gqa_pallas.mosaic import compat
 
 plgpu = compat.plgpu
@@ -195,7 +197,7 @@ def _kernel(q_offset_ref, kv_lengths_ref, first_bad_ref, q_ref, k_ref, v_ref, o_
 
   Refs: q ``[B, T, N, H]``; k/v ``[B, S, K, H]`` (interpret: k ``[B, K, H, S]``); o
   ``[P, B, T, N, H]`` and lse ``[P, B, N, T]`` (or None), ``P = kv_splits``; q_offset /
-  kv_lengths ``int32[B]``; first_bad ``int32[B, K]`` (``first_bad_slots``). Split ``p`` sees
+  kv_lengths ``int32[B]``; first_bad ``int32[B, K]`` (``finite.first_bad_slots``). Split ``p`` sees
   key blocks ``[p, p + 1) * blocks_per_split``.
   """
   (q_smem, k_smem, v_smem, p_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free,
@@ -462,7 +464,7 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
   blocks_per_split = pl.cdiv(kv_blocks, min(config.kv_splits, kv_blocks))
   kv_splits = pl.cdiv(kv_blocks, blocks_per_split)  # none left empty
   t_len = t
-  first_bad = first_bad_slots(v, kv_lengths)
+  first_bad = finite.first_bad_slots(v, kv_lengths)
   # TMA into tiled shared memory needs the sequence dims of q and k/v in whole 8-row tiles; the
   # hardware zero-fills the rest of a chunk or block that runs past the array (and clips its
   # stores), but the interpreter refuses out-of-bounds TMA, so there T is padded to whole
@@ -528,17 +530,6 @@ def prefill_attention(q, k, v, q_offset, kv_lengths, *, causal, scale, return_ls
   if return_lse:
     return out, jnp.transpose(lse[:, :, :t_len], (0, 2, 1))
   return out
-
-
-def first_bad_slots(v, kv_lengths):
-  """``int32[B, K]``: the first slot below ``kv_lengths[b]`` whose V holds a non-finite value
-  (``S`` if none). One read-only pass over V in XLA: the kernel clears non-finite values only in
-  blocks at or after it, and marks the rows that see it."""
-  s = v.shape[1]
-  bad = ~jnp.all(jnp.isfinite(v), axis=-1)  # [B, S, K]
-  slot = jnp.arange(s, dtype=jnp.int32)[None, :, None]
-  bad = bad & (slot < kv_lengths[:, None, None])
-  return jnp.min(jnp.where(bad, slot, s), axis=1).astype(jnp.int32)
 
 
 def merge_splits(outs, lses):
