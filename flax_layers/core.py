@@ -226,13 +226,39 @@ def masked_attention(q, k, v, *, mask=None, bias=None, scale=None, kv_lengths=No
 
 
 def sow_fn_for(module) -> Callable[[Array], Any] | None:
-  """A callable that sows attention weights into ``module`` the way its Flax API does."""
+  """A callable that sows attention weights into ``module`` the way its Flax API does.
+
+  linen: ``module.sow("intermediates", "attention_weights", w)``. NNX: see ``sow_nnx``.
+  """
   if module is None:
     return None
   from flax import nnx  # pylint: disable=g-import-not-at-top
   if isinstance(module, nnx.Module):
-    return lambda w: module.sow(nnx.Intermediate, "attention_weights", w)
+    return lambda w: sow_nnx(module, "attention_weights", w)
   return lambda w: module.sow("intermediates", "attention_weights", w)
+
+
+def sow_nnx(module, name: str, value) -> None:
+  """Records ``value`` under ``name`` in an NNX module, without ``Module.sow``'s deprecation.
+
+  Inside ``nnx.capture(..., nnx.Intermediate)`` this is ``module.sow(nnx.Intermediate, name,
+  value)``: the value comes back in the captured state (and, as with ``sow``, is dropped when
+  ``nnx.Intermediate`` is not among the captured types). Outside a capture, where flax >= 0.12.8
+  deprecates ``sow``, it does what ``sow`` does there, without the call: the module attribute
+  ``name`` is an ``nnx.Intermediate`` holding a tuple, one entry per call.
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if hasattr(module, "__captures__"):  # set by nnx.capture for the duration of the call
+    module.sow(nnx.Intermediate, name, value)
+    return
+  current = getattr(module, name, None)
+  if current is None:
+    setattr(module, name, nnx.Intermediate((value,)))
+  elif type(current) is nnx.Intermediate:  # pylint: disable=unidiomatic-typecheck  (as sow)
+    current.set_value(current.get_value() + (value,))
+  else:
+    raise ValueError(f"Expected '{name}' to be an nnx.Intermediate, got "
+                     f"{type(current).__name__}.")
 
 
 def kernel_dtype_ok(*xs) -> bool:

@@ -10,6 +10,7 @@ Tolerances follow design.md: float32 on CPU ``max|o - r| <= 1e-5 * max|r|``.
 """
 import dataclasses
 import functools
+import warnings
 
 import chex
 import jax
@@ -380,9 +381,14 @@ def test_attention_fn_in_nnx_mha(kind):
     call["is_causal"] = True
   if kind == "mask":
     call["mask"] = nn.make_causal_mask(jnp.ones((b, t))) > 0
-  if kind == "sow":
+  if kind == "sow":  # both through nnx.capture: no sow-outside-capture deprecation, from Flax
     call["sow_weights"] = True
-  ref, out = ref_mod(x, xk, **call), our_mod(x, xk, **call)
+    (ref, ref_w), (out, w) = (nnx.capture(m, nnx.Intermediate)(x, xk, **call)
+                              for m in (ref_mod, our_mod))
+    assert_f32_close(w["attention_weights"].get_value()[0],
+                     ref_w["attention_weights"].get_value()[0])
+  else:
+    ref, out = ref_mod(x, xk, **call), our_mod(x, xk, **call)
   assert_f32_close(out, ref)
 
 
@@ -442,6 +448,36 @@ def test_nnx_twin_dropout_and_sow():
   chex.assert_shape(w, (b, n, t, t))
   np.testing.assert_allclose(np.sum(w, -1), 1.0, rtol=1e-5)
   assert float(w[0, 0, 0, 1]) == 0.0
+
+
+def test_nnx_sow_weights_attribute_and_capture_without_deprecation():
+  """Outside ``nnx.capture`` the weights land in ``attention_weights`` (a tuple, one entry per
+  call, as ``Module.sow`` stored them); inside, in the captured state and not on the module.
+  Neither route calls the deprecated sow-outside-capture (flax >= 0.12.8 warns there)."""
+  b, t, d, n, k = 2, 6, 16, 4, 2
+  x = _rand(_rng().integers(1 << 30), (b, t, d))
+  m = GQAAttentionNNX(n, d, num_kv_heads=k, implementation="xla", precision=HIGHEST,
+                      rngs=nnx.Rngs(0))
+  mha = nnx.MultiHeadAttention(n, d, num_kv_heads=k, decode=False, precision=HIGHEST,
+                               attention_fn=XLA_FN, rngs=nnx.Rngs(0))
+  nnx.update(mha, nnx.state(m, nnx.Param))
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", category=DeprecationWarning, message=".*sow.*")
+    m(x, sow_weights=True, is_causal=True)
+    m(x[:, :3], sow_weights=True)
+    mha(x, sow_weights=True, is_causal=True)           # gqa_dot_product_attention, module=mha
+    _, captured = nnx.capture(m, nnx.Intermediate)(x, sow_weights=True, is_causal=True)
+    _, none = nnx.capture(m, nnx.Param)(x, sow_weights=True)   # Intermediate not captured
+  w1, w2 = m.attention_weights.get_value()
+  chex.assert_shape([w1, w2], [(b, n, t, t), (b, n, 3, 3)])
+  causal = np.tril(np.ones((t, t), bool))
+  assert np.all(np.asarray(w1)[..., ~causal] == 0) and np.all(np.asarray(w2)[0, 0, 0, 1:] != 0)
+  assert len(m.attention_weights.get_value()) == 2     # the captures left the attribute alone
+  (wc,) = captured["attention_weights"].get_value()
+  assert_f32_close(wc, w1)
+  (wm,) = mha.attention_weights.get_value()
+  assert_f32_close(wm, w1)
+  assert "attention_weights" not in none
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
