@@ -6,7 +6,8 @@ window shorter than its prompts). Checked, with the Pallas
 kernels in interpret mode on CPU (and compiled on a GPU, ``-m gpu``; HF stays on the CPU):
 
 * full-sequence logits within 1e-4 relative (``max|ours - hf| / max|hf|``);
-* prefill of ragged right-padded prompts, then step-wise decode, against HF with its KV cache;
+* prefill of ragged right-padded prompts, then step-wise decode, token for token against the
+  logits of HF's full-sequence forward over prompt + continuation;
 * greedy generation of 24 tokens for a batch of prompts of different lengths, token for token
   against HF ``generate`` (run per prompt, so HF needs no padding), also with an EOS stop.
 """
@@ -177,16 +178,16 @@ def test_full_sequence_logits(loaded, backend):
 
 
 def _hf_prefill_decode(model, prompt, continuation):
-  """HF logits of the prompt's last token, then of each continuation token fed with the cache."""
+  """What a prefill of ``prompt`` then one decode step per ``continuation`` token must give: HF's
+  logits of the prompt's last token and of each continuation token, ``[1 + steps, vocab]``.
+
+  Taken from one full-sequence forward of ``prompt + continuation`` (the model is causal, so
+  position ``i``'s logits depend on tokens ``<= i`` alone), not from HF's own KV cache: no
+  ``past_key_values`` (going away in transformers), and a reference without cache machinery.
+  """
   with torch.no_grad():
-    out = model(torch.tensor([prompt]), use_cache=True)
-    logits = [out.logits[0, -1].numpy()]
-    past = out.past_key_values
-    for tok in continuation:
-      out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
-      past = out.past_key_values
-      logits.append(out.logits[0, -1].numpy())
-  return np.stack(logits)
+    out = model(torch.tensor([list(prompt) + list(continuation)]), use_cache=False)
+  return out.logits[0, len(prompt) - 1:].numpy()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
