@@ -10,6 +10,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gqa_pallas import devices, reference, registry, validation, vjp
 from gqa_pallas.cache import KVCache
@@ -19,6 +20,11 @@ def _plan(op, q, k, v, q_offset, kv_lengths, scale, implementation, interpret, c
           return_lse, sliding_window=None, logits_soft_cap=None):
   """Validates once and fills the defaults: ``(backend, config, q_offset, kv_lengths, scale,
   problem)``."""
+  # A Python int offset is static: every row starts there (a backend may rely on it).
+  offset = ("default" if q_offset is None else
+            int(q_offset) if isinstance(q_offset, (int, np.integer)) and not isinstance(
+                q_offset, (bool, np.bool_)) else "array")
+  kv_lengths_given = kv_lengths is not None
   dims, q_offset, kv_lengths = validation.validate_attention(q, k, v, q_offset, kv_lengths)
   validation.check_flags(causal=causal, interpret=interpret, return_lse=return_lse)
   validation.check_scale(scale)
@@ -26,7 +32,9 @@ def _plan(op, q, k, v, q_offset, kv_lengths, scale, implementation, interpret, c
                                                                     logits_soft_cap, causal)
   problem = registry.Problem(op, dims, jnp.dtype(q.dtype).name, causal=bool(causal),
                              interpret=bool(interpret), device=devices.current(),
-                             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+                             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                             return_lse=bool(return_lse), offset=offset,
+                             kv_lengths_given=kv_lengths_given)
   backend = registry.resolve(implementation, problem)
   config = registry.check_config(backend, op, config, problem)
   q_offset, kv_lengths = reference.resolve_positions(dims, q_offset, kv_lengths)

@@ -42,6 +42,7 @@ _ENTRIES = (
     ("mosaic", "gqa_pallas.mosaic.backend"),
     ("triton", "gqa_pallas.triton.backend"),
     ("xla", "gqa_pallas.xla"),
+    ("cudnn", "gqa_pallas.cudnn"),
 )
 
 # Preference of implementation=None, by device (first match wins; unregistered names are
@@ -68,6 +69,11 @@ class Problem:
     device: the device the call is planned for (``devices.current()``).
     sliding_window: the window (keys a query sees, itself included) or ``None``.
     logits_soft_cap: the logit soft-cap or ``None``.
+    return_lse: the call returns the log-sum-exp too.
+    offset: how the caller gave ``q_offset``: ``"default"`` (not given: ``kv_lengths - T``),
+      ``"array"`` (per-row values, known only at run time) or a Python ``int`` (the same static
+      position for every row).
+    kv_lengths_given: the caller gave ``kv_lengths`` (else every row holds ``S`` keys).
   """
   op: str
   dims: validation.AttentionDims
@@ -77,6 +83,9 @@ class Problem:
   device: devices.DeviceInfo = devices.CPU
   sliding_window: int | None = None
   logits_soft_cap: float | None = None
+  return_lse: bool = False
+  offset: str | int = "default"
+  kv_lengths_given: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -92,6 +101,9 @@ class Backend:
     config_types: op -> the config type it takes (an op not listed takes no config).
     differentiable: JAX can differentiate its prefill itself (no ``custom_vjp`` needed).
     custom_call: a string the CUDA lowering of its kernels contains (tests look for it).
+    is_pallas: its kernels are this package's Pallas kernels (the parity suites' CUDA and GPU
+      tiers and the tuning tests run these; ``"xla"`` is the reference, ``"cudnn"`` a
+      comparison).
     slow_interpreter: its interpreter takes seconds per small case (the CPU-tier parity
       suites give it a short list of cases that still covers every class).
   """
@@ -100,6 +112,7 @@ class Backend:
   config_types: dict[str, type] = {}
   differentiable: bool = False
   custom_call: str = ""
+  is_pallas: bool = False
   slow_interpreter: bool = False
 
   def unsupported(self, problem: Problem) -> str | None:

@@ -11,16 +11,18 @@ import pytest
 from gqa_pallas import devices, registry
 from tests.conftest import HAS_GPU
 
-PALLAS_BACKENDS = tuple(name for name in registry.names() if name != "xla")
+PALLAS_BACKENDS = tuple(name for name in registry.names() if registry.get(name).is_pallas)
 # The GPU the "cuda" tier plans for (its tuning tables, its split counts), and the one the GPU
 # tier is listed for on a machine without a GPU (where those tests are skipped).
 CUDA_TARGET = devices.H200
 
 
 def implementing(op, pallas_only=True):
-  """The registered backends (the Pallas ones, by default) that implement ``op``."""
+  """The registered backends that implement ``op``: the Pallas ones, and with ``pallas_only=False``
+  the reference (``"xla"``) too. (``"cudnn"``, GPU-only and a comparison, has its own tests:
+  tests/test_cudnn_backend.py.)"""
   return tuple(name for name in registry.implementing(op)
-               if name in PALLAS_BACKENDS or not pallas_only)
+               if name in PALLAS_BACKENDS or (not pallas_only and name == "xla"))
 
 
 def interpret_for(name, tier) -> bool:

@@ -55,8 +55,10 @@ def _inputs(call):
 
 
 # The Mosaic GPU interpreter takes seconds per call: its properties are the fixed grids'.
-FAST_PREFILL = [n for n in registry.implementing("prefill") if not registry.get(n).slow_interpreter]
-FAST_DECODE = [n for n in registry.implementing("decode") if not registry.get(n).slow_interpreter]
+FAST_PREFILL = [n for n in backend_cases.implementing("prefill", pallas_only=False)
+                if not registry.get(n).slow_interpreter]
+FAST_DECODE = [n for n in backend_cases.implementing("decode", pallas_only=False)
+               if not registry.get(n).slow_interpreter]
 
 
 @pytest.mark.parametrize("name", FAST_PREFILL)

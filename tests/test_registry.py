@@ -69,7 +69,7 @@ def test_kernel_to_kernel_fallback_is_quiet(caplog):
   assert registry.resolve(None, _problem(dtype="bfloat16", device=devices.H200)).name == "mosaic"
 
 
-@pytest.mark.parametrize("implementation", ["cudnn", "pallas", "XLA", "cuda-magic"])
+@pytest.mark.parametrize("implementation", ["cuDNN", "pallas", "XLA", "cuda-magic"])
 def test_unknown_implementation_lists_the_valid_ones(implementation):
   msg = re.escape(f"implementation must be one of {gp.IMPLEMENTATIONS} or None; got "
                   f"{implementation!r}")

@@ -12,6 +12,7 @@ class MosaicBackend(registry.Backend):
   config_types = {"prefill": prefill_kernel.MosaicPrefillConfig,
                   "prefill_bwd": backward_kernel.MosaicBackwardConfig}
   custom_call = "mosaic_gpu"
+  is_pallas = True
   slow_interpreter = True  # Mosaic GPU's interpreter: seconds per small case
 
   def unsupported(self, problem):

@@ -16,6 +16,7 @@ class TritonBackend(registry.Backend):
                   "prefill_bwd": backward_kernel.BackwardConfig,
                   "decode": decode_kernel.DecodeConfig}
   custom_call = "triton"
+  is_pallas = True
   _kernels = {"prefill": prefill_kernel, "prefill_bwd": backward_kernel,
               "decode": decode_kernel}
 
