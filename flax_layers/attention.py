@@ -120,7 +120,7 @@ class GQAAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, inputs_kv=None, mask=None,
                deterministic=None, dropout_rng=None, sow_weights=False, positions=None,
-               cache: KVCache | None = None, num_new=None):
+               cache: KVCache | None = None, num_new=None, cache_empty: bool = False):
     """Applies grouped-query attention.
 
     Args:
@@ -136,6 +136,7 @@ class GQAAttention(nn.Module):
         ``arange(T)`` with a cache (functional or ``decode=True``), ``arange(T)`` without.
       cache: a one-layer ``KVCache``: functional mode, returns ``(y, new_cache)``.
       num_new: ``int32[B]`` valid new tokens per row (right padding) with a cache; default ``T``.
+      cache_empty: static: ``cache`` holds no token yet (a prefill; see ``core.attend``).
 
     Returns:
       ``y`` of shape ``[batch..., T, out_features]``, or ``(y, new_cache)`` with ``cache``.
@@ -212,7 +213,8 @@ class GQAAttention(nn.Module):
         precision=self.precision, sow_fn=core.sow_fn_for(self) if sow_weights else None,
         custom_attention_fn=custom, custom_accepts_is_causal=accepts_causal,
         implementation=self.implementation, interpret=self.interpret,
-        sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap)
+        sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap,
+        cache_empty=cache_empty)
 
     if collection is not None:
       cached_key, cached_value, cache_index = collection
@@ -318,8 +320,9 @@ class GQAAttentionNNX(nnx.Module):
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, deterministic=None,
                rngs=None, sow_weights: bool = False, decode: bool | None = None,
                is_causal: bool | None = None, positions=None, cache: KVCache | None = None,
-               num_new=None):
-    """As ``nnx.MultiHeadAttention.__call__`` plus ``positions``, ``cache``, ``num_new``.
+               num_new=None, cache_empty: bool = False):
+    """As ``nnx.MultiHeadAttention.__call__`` plus ``positions``, ``cache``, ``num_new``,
+    ``cache_empty`` (as in the linen layer).
 
     ``is_causal`` (None: the constructor's) applies to the plain call; with a cache (``decode``
     or ``cache=``) attention is always causal at absolute positions, so the top-left ``is_causal``
@@ -389,7 +392,7 @@ class GQAAttentionNNX(nnx.Module):
         sow_fn=core.sow_fn_for(self) if sow_weights else None, custom_attention_fn=custom,
         custom_accepts_is_causal=True, implementation=self.implementation,
         interpret=self.interpret, sliding_window=self.sliding_window,
-        logits_soft_cap=self.logits_soft_cap)
+        logits_soft_cap=self.logits_soft_cap, cache_empty=cache_empty)
 
     if use_collection:
       self.cached_key[...] = new_cache.k

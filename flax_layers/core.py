@@ -304,7 +304,7 @@ def attend(query, key, value, *, cache: KVCache | None = None, positions=None, n
            broadcast_dropout: bool = True, deterministic: bool = True, precision=None,
            sow_fn=None, custom_attention_fn=None, custom_accepts_is_causal: bool = False,
            implementation=None, interpret: bool = False, sliding_window=None,
-           logits_soft_cap=None):
+           logits_soft_cap=None, cache_empty: bool = False):
   """One attention step on projected heads.
 
   Args:
@@ -333,6 +333,11 @@ def attend(query, key, value, *, cache: KVCache | None = None, positions=None, n
     implementation, interpret: passed to ``gqa_attention`` / ``gqa_decode``.
     sliding_window, logits_soft_cap: as in ``gqa_attention`` (a window needs causal attention:
       ``is_causal`` or a cache).
+    cache_empty: static: the cache holds no token yet (one fresh from ``KVCache.init``, as in
+      ``generate``'s prefill). The new tokens then attend to themselves alone, top-left
+      (``q_offset=0``): the same keys as over the cache, in a form every backend runs (cuDNN's
+      too). Checked where the lengths are known; under ``jit`` a row that does hold tokens
+      outputs NaN instead of a wrong value.
 
   Returns:
     ``(out [B, T, N, H] in query's dtype, new_cache or None)``.
@@ -352,6 +357,11 @@ def attend(query, key, value, *, cache: KVCache | None = None, positions=None, n
       raise ValueError(
           "Autoregressive cache shape error: the cache holds [B, S, K, H] = "
           f"{tuple(cache.k.shape)}, the new keys are {tuple(key.shape)}.")
+    validation.check_flags(cache_empty=cache_empty)
+    if cache_empty and not isinstance(cache.lengths, jax.core.Tracer) and np.any(
+        np.asarray(cache.lengths) != 0):
+      raise ValueError(f"cache_empty=True, but the cache holds tokens: lengths "
+                       f"{np.asarray(cache.lengths).tolist()}.")
   elif num_new is not None:
     raise ValueError("num_new only applies with a KV cache.")
 
@@ -396,6 +406,15 @@ def attend(query, key, value, *, cache: KVCache | None = None, positions=None, n
     common = dict(scale=scale, implementation=implementation, interpret=interpret, **features)
     if cache is None:
       out = gqa_api.gqa_attention(query, keys, values, causal=causal, **common)
+    elif cache_empty:
+      # The prompt over itself: the new tokens are all the cache holds, from position 0.
+      out = gqa_api.gqa_attention(query, key.astype(keys.dtype), value.astype(values.dtype),
+                                  causal=True, q_offset=0, kv_lengths=kv_lengths, **common)
+      out = jnp.where((old_lengths == 0)[:, None, None, None], out, jnp.nan)
+    elif t == 1 and sliding_window is None:
+      # One token per row: q_offset = old lengths sees the same keys (j < new lengths) as the
+      # default new lengths - 1, which a kernel derives itself (and cuDNN can express).
+      out = gqa_api.gqa_decode(query, new_cache, **common)
     elif t <= DECODE_MAX_NEW_TOKENS:
       out = gqa_api.gqa_decode(query, new_cache, q_offset=q_offset, **common)
     else:

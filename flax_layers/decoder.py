@@ -234,13 +234,15 @@ class MLP(nn.Module):
 class DecoderBlock(nn.Module):
   """One pre-norm block. ``__call__(x, cache, positions, num_new) -> (x, new_cache)``.
 
-  ``layer``: its index (it picks the layer's attention window, ``config.window_of``).
+  ``layer``: its index (it picks the layer's attention window, ``config.window_of``);
+  ``cache_empty``: the cache holds no token yet (``Decoder.__call__``).
   """
   config: DecoderConfig
   implementation: Optional[str] = None
   interpret: bool = False
   precision: Any = None
   layer: int = 0
+  cache_empty: bool = False
 
   @nn.compact
   def __call__(self, x, cache, positions, num_new):
@@ -262,7 +264,8 @@ class DecoderBlock(nn.Module):
     if cache is None:
       a, new_cache = attn(h, positions=positions), None
     else:
-      a, new_cache = attn(h, positions=positions, cache=cache, num_new=num_new)
+      a, new_cache = attn(h, positions=positions, cache=cache, num_new=num_new,
+                          cache_empty=self.cache_empty)
     mlp = MLP(cfg, precision=self.precision, name="mlp")
     if gemma:  # norms after attention and after the MLP too
       x = x + norm(name="post_attention_norm")(a)
@@ -300,7 +303,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, cache: CacheLike = None, num_new=None,
-               logits_index=None):
+               logits_index=None, cache_empty: bool = False):
     """Runs the model.
 
     Args:
@@ -312,6 +315,8 @@ class Decoder(nn.Module):
       num_new: ``int32[B]`` valid (right-padded) tokens per row, with a cache.
       logits_index: ``int32[B]``: return only the logits at this index of each row, ``[B, V]``
         (the prefill of a generation loop needs only the last prompt token's logits).
+      cache_empty: static: the cache holds no token yet (``generate``'s prefill of a cache it
+        made): the prompt attends to itself, in a form every backend runs (cuDNN's too).
 
     Returns:
       logits ``[B, T, V]`` (or ``[B, V]``), and the new cache when a cache was given.
@@ -331,7 +336,7 @@ class Decoder(nn.Module):
     if cfg.family == "gemma2":  # HF rounds the normaliser to the compute dtype first
       x = x * jnp.asarray(cfg.hidden_size ** 0.5, cfg.compute_dtype)
     block_kw = dict(config=cfg, implementation=self.implementation, interpret=self.interpret,
-                    precision=self.precision)
+                    precision=self.precision, cache_empty=bool(cache_empty) and cache is not None)
     if cfg.scan_layers:
       if cache is not None and not (isinstance(cache, KVCache) and cache.num_layers is not None):
         raise ValueError("scan_layers=True needs a layer-stacked KVCache (init_cache or "

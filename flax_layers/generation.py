@@ -115,8 +115,10 @@ def _generate_jit(params, cache, prompt_tokens, prompt_lengths, rng, temperature
     cache = init_cache(config, b, fresh_cache[0], jnp.dtype(fresh_cache[1]))
   start = _cache_lengths(cache)
   positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  # A cache made here holds nothing: its prefill is the prompt over itself (every backend).
   logits, cache = model.apply({"params": params}, prompt_tokens, positions=positions, cache=cache,
-                              num_new=prompt_lengths, logits_index=prompt_lengths - 1)
+                              num_new=prompt_lengths, logits_index=prompt_lengths - 1,
+                              cache_empty=fresh_cache is not None)
 
   # eos_ids: int32[E], -1 entries are unused (no EOS at all: [-1]), so that calls with and without
   # an EOS share one compiled program.

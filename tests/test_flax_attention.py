@@ -688,7 +688,14 @@ def test_routing(monkeypatch):
       ("gqa_attention", True, False)]
   assert route(lambda: m.apply(params, x, sow_weights=True, mutable=["intermediates"])) == []
   cache = KVCache.init(b, 40, k, d // n, jnp.float32)
-  assert route(lambda: m.apply(params, x[:, :1], cache=cache)) == [("gqa_decode", None, True)]
+  # One token: the default q_offset (lengths - 1) sees the same keys as the old lengths.
+  assert route(lambda: m.apply(params, x[:, :1], cache=cache)) == [("gqa_decode", None, False)]
+  assert route(lambda: m.clone(sliding_window=4).apply(params, x[:, :1], cache=cache)) == [
+      ("gqa_decode", None, True)]
+  # A prefill of an empty cache: the prompt over itself, from the static position 0.
+  calls.clear()
+  m.apply(params, x, cache=cache, cache_empty=True)
+  assert [(name, kw.get("q_offset")) for name, kw in calls] == [("gqa_attention", 0)]
   assert route(lambda: m.apply(params, x[:, :1].repeat(16, 1), cache=cache)) == [
       ("gqa_decode", None, True)]
   assert route(lambda: m.apply(params, x[:, :1].repeat(17, 1), cache=cache)) == [
@@ -699,3 +706,42 @@ def test_routing(monkeypatch):
   assert route(lambda: gqa_dot_product_attention(q, kv, kv, is_causal=True)) == [
       ("gqa_attention", True, True)]
   assert route(lambda: gqa_dot_product_attention(q, kv, kv, mask=jnp.ones((t, t)))) == []
+
+
+@pytest.mark.parametrize("implementation,interpret", [("xla", False), ("triton", True)])
+def test_cache_empty_prefill_equals_the_cache_path(implementation, interpret):
+  """cache_empty=True (the prompt over itself, q_offset=0) gives what attending over the empty
+  cache gives: the output at every prompt position and the cache, ragged rows included."""
+  b, t, d, n, k = 3, 20, 32, 4, 2
+  x = _rand(3, (b, t, d))
+  m = GQAAttention(num_heads=n, num_kv_heads=k, is_causal=True, rope_theta=10000.0,
+                   implementation=implementation, interpret=interpret)
+  params = m.init(jax.random.key(0), x)
+  cache = KVCache.init(b, 32, k, d // n, jnp.float32)
+  num_new = jnp.array([20, 7, 1], jnp.int32)
+  run = jax.jit(lambda p, x, c, empty: m.apply(p, x, cache=c, num_new=num_new,
+                                               cache_empty=empty), static_argnums=3)
+  y0, c0 = run(params, x, cache, False)
+  y1, c1 = run(params, x, cache, True)
+  valid = np.arange(t)[None, :] < np.asarray(num_new)[:, None]
+  np.testing.assert_allclose(np.asarray(y1)[valid], np.asarray(y0)[valid], atol=2e-5, rtol=2e-5)
+  # (The cache's RoPE'd keys may differ in the last bit: XLA fuses the two programs apart.)
+  chex.assert_trees_all_close(c0, c1, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(c0.lengths, c1.lengths)
+
+
+def test_cache_empty_refuses_a_filled_cache():
+  b, t, d, n, k = 2, 4, 32, 4, 2
+  x = _rand(4, (b, t, d))
+  m = GQAAttention(num_heads=n, num_kv_heads=k, is_causal=True, implementation="xla")
+  params = m.init(jax.random.key(0), x)
+  cache = KVCache(jnp.zeros((b, 16, k, d // n)), jnp.zeros((b, 16, k, d // n)),
+                  jnp.array([0, 5], jnp.int32))
+  with pytest.raises(ValueError, match=r"cache_empty=True, but the cache holds tokens: "
+                                       r"lengths \[0, 5\]"):
+    m.apply(params, x, cache=cache, cache_empty=True)
+  with pytest.raises(TypeError, match="cache_empty"):
+    m.apply(params, x, cache=cache, cache_empty="yes")
+  # Under jit the lengths are not known: the row that holds tokens gets NaN, not a wrong value.
+  y, _ = jax.jit(lambda p, x, c: m.apply(p, x, cache=c, cache_empty=True))(params, x, cache)
+  assert np.all(np.isfinite(np.asarray(y[0]))) and np.all(np.isnan(np.asarray(y[1])))
