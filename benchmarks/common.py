@@ -1,18 +1,31 @@
-"""Timing and ceilings shared by the benchmark scripts (GPU only)."""
+"""Timing and ceilings shared by the benchmark scripts."""
 from __future__ import annotations
 
 import statistics
+import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 
 
+def on_gpu() -> bool:
+  return jax.devices()[0].platform == "gpu"
+
+
 def measure_ms(fn, *args, iterations: int = 30, warmup: int = 2) -> float:
-  """Median kernel time in ms by CUPTI (all kernels one call launches, summed)."""
-  from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+  """Median kernel time in ms by CUPTI (all kernels one call launches, summed); on a machine
+  without a GPU, the median wall time of whole calls (CPU numbers, not GPU ones)."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
+  if not on_gpu():
+    times = []
+    for _ in range(iterations):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append((time.perf_counter() - start) * 1e3)
+    return float(statistics.median(times))
+  from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
   _, times = profiler.measure(fn, iterations=iterations)(*args)
   if times is None:
     raise RuntimeError("no kernel was launched")

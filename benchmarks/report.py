@@ -14,6 +14,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "benchmarks", "results", "nvidia-h200.json")
+IMG_DIR = os.path.join(ROOT, "docs", "img")
 OUR_BACKENDS = ("mosaic", "triton")  # columns shown when a row timed them
 _SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -110,24 +111,20 @@ def t4_table(rows):
   return "\n".join(out)
 
 
-def step_section(path):
-  """The jit decode-step table, from ``<main>-decode-step.json`` (a separate run) if present."""
-  if not os.path.exists(path):
+def step_section(main_path, main_res):
+  """The jit decode-step table: the main file's rows, else ``<main>-decode-step.json``."""
+  rows, res, path = _pick(main_res, main_path, "decode-step", ("decode_step",))
+  if not rows:
     return []
-  with open(path) as f:
-    res = json.load(f)
   out = ["### A jit decode step (append one token + decode)", "",
-         f"From `{os.path.relpath(path, ROOT)}` (`python -m benchmarks.run --only step`, "
-         f"{res['device']}, jax {res['jax']}, {res['date'][:10]}). Step = CUPTI time of a "
+         _source(res, path, main_path) + "Step = CUPTI time of a "
          "compiled loop of n steps minus a loop of 1, over n - 1 (the cache is the loop "
          "carry; the one copy of the input cache cancels); next to the decode call alone on the "
          "same cache, same process. 'Donated' = a single jit step with the cache donated "
          "consumed the old buffers.", "",
          "| B | S_max | N:K | H | step us | decode alone us | step / decode | donated |",
          "|---|---|---|---|---|---|---|---|"]
-  for r in res["rows"]:
-    if r["kind"] != "decode_step":
-      continue
+  for r in rows:
     out.append(f"| {r['B']} | {r['S_max']} | {r['N']}:{r['K']} | {r['H']} | "
                f"{r['step_ms'] * 1e3:.1f} | {r['kernel_ms'] * 1e3:.1f} | "
                f"{r['step_over_kernel']:.3f} | "
@@ -135,44 +132,91 @@ def step_section(path):
   return out + [""]
 
 
-def plots(prefill, decode, res, img_dir):
+_PLOT_IMPLS = ("ours", "mosaic", "triton", "cudnn", "pl-mgpu", "pl-triton", "pl-gqa", "xla")
+
+
+def plots_from(path, img_dir):
+  """The PNGs of one results file: prefill TFLOP/s against the sequence length per head config,
+  decode GB/s against the cache length with the bandwidth ceilings, end-to-end decode tokens/s
+  per batch. Returns the paths written (none without matplotlib, or for a file without rows)."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
     return []
+  res = _load(path)
+  rows = res["rows"]
+  title = f"{res['device']}, jax {res['jax']}, {res['date'][:10]}"
+  if not res.get("gpu", True):
+    title += " (CPU: not GPU numbers)"
   os.makedirs(img_dir, exist_ok=True)
   made = []
-  ceilings = [("device copy", res["copy_gbs"], "--")]
-  if res.get("read_gbs"):
-    ceilings.append(("read-only", res["read_gbs"], ":"))
-  for name, rows, key, ylabel, impls, lines in (
-      ("prefill", prefill, "tflops", "TFLOP/s (causal)",
-       ["ours", "cudnn", "pl-triton", "pl-mgpu", "xla"], []),
-      ("decode", decode, "gbs", "GB/s of K+V read", ["ours", "cudnn", "pl-gqa", "xla"],
-       ceilings)):
-    impls = [i for i in impls if any(i in r[key] for r in rows)]
-    labels = [f"B{r['B']} S{r.get('S', r.get('S_max'))}\n{r['N']}:{r['K']} H{r['H']}"
-              + (f" {_SHORT.get(r['dtype'], r['dtype'])}" if name == "prefill" else "")
-              for r in rows]
-    fig, ax = plt.subplots(figsize=(max(10, len(rows) * 0.9), 4))
-    width = 0.8 / len(impls)
-    for i, impl in enumerate(impls):
-      ax.bar([x + i * width for x in range(len(rows))], [r[key].get(impl, 0) for r in rows],
-             width, label=impl)
-    for label, value, style in lines:
-      ax.axhline(value, color="k", linestyle=style, linewidth=1, label=label)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=7)
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{res['device']}, jax {res['jax']}", fontsize=9)
-    ax.legend(fontsize=8, ncol=len(impls) + len(lines), loc="upper center",
-              bbox_to_anchor=(0.5, -0.18))
+
+  def save(fig, name):
     fig.tight_layout()
-    path = os.path.join(img_dir, f"{name}.png")
-    fig.savefig(path, dpi=110)
+    out = os.path.join(img_dir, f"{name}.png")
+    fig.savefig(out, dpi=110)
     plt.close(fig)
-    made.append(path)
+    made.append(out)
+
+  prefill = [r for r in rows if r["kind"] == "prefill"]
+  configs = sorted({(r["N"], r["K"], r["H"], r["dtype"]) for r in prefill})
+  if configs:
+    fig, axes = plt.subplots(1, len(configs), figsize=(3.4 * len(configs), 3.6), squeeze=False)
+    for ax, (n, k, h, dtype) in zip(axes[0], configs):
+      sel = sorted((r for r in prefill if (r["N"], r["K"], r["H"], r["dtype"]) == (n, k, h, dtype)),
+                   key=lambda r: r["S"])
+      for impl in _PLOT_IMPLS:
+        pts = [(r["S"], r["tflops"][impl]) for r in sel if impl in r["tflops"]]
+        if pts:
+          ax.plot(*zip(*pts), marker="o", label=impl, linewidth=2.5 if impl == "ours" else 1)
+      ax.set_xscale("log", base=2)
+      ax.set_title(f"{n}:{k} H{h} {_SHORT.get(dtype, dtype)}", fontsize=9)
+      ax.set_xlabel("S = T (B·S fixed)", fontsize=8)
+    axes[0][0].set_ylabel("TFLOP/s (causal)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Prefill: " + title, fontsize=9)
+    save(fig, "prefill")
+
+  decode = sorted((r for r in rows if r["kind"] == "decode" and r.get("label") == "full"),
+                  key=lambda r: (r["S_max"], r["B"]))
+  if decode:
+    fig, ax = plt.subplots(figsize=(max(7, 0.9 * len(decode)), 4))
+    x = range(len(decode))
+    for impl in _PLOT_IMPLS:
+      if impl in ("mosaic", "triton") or not any(impl in r["gbs"] for r in decode):
+        continue
+      ax.plot([i for i, r in zip(x, decode) if impl in r["gbs"]],
+              [r["gbs"][impl] for r in decode if impl in r["gbs"]], marker="o", label=impl,
+              linewidth=2.5 if impl == "ours" else 1)
+    for label, key, style in (("device copy", "copy_gbs", "--"), ("read-only", "read_gbs", ":")):
+      if res.get(key):
+        ax.axhline(res[key], color="k", linestyle=style, linewidth=1, label=label)
+    ax.set_xticks(list(x), [f"S{r['S_max']}\nB{r['B']} {r['N']}:{r['K']} H{r['H']}"
+                            for r in decode], fontsize=7)
+    ax.set_xlabel("cache length (and shape)", fontsize=8)
+    ax.set_ylabel("GB/s of K+V read")
+    ax.set_title("Decode: " + title, fontsize=9)
+    ax.legend(fontsize=7, ncol=4)
+    save(fig, "decode")
+
+  e2e_rows = [r for r in rows if r["kind"] == "e2e"]
+  if e2e_rows:
+    impls = [i for i in ("ours", "cudnn", "xla") if any(i in r["decode_tokens_per_s"]
+                                                        for r in e2e_rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(e2e_rows)), 3.8))
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+      ax.bar([j + i * width for j in range(len(e2e_rows))],
+             [r["decode_tokens_per_s"].get(impl, 0) for r in e2e_rows], width, label=impl)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(e2e_rows))],
+                  [f"B{r['B']}\nprompt {r['prompt']}" for r in e2e_rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("decode tokens/s (all rows)")
+    ax.set_title(f"End to end ({e2e_rows[0]['model']}): " + title, fontsize=9)
+    ax.legend(fontsize=8)
+    save(fig, "e2e")
   return made
 
 
@@ -200,24 +244,19 @@ def backward_table(rows):
   return "\n".join(out)
 
 
-def backward_section(path):
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    res = json.load(f)
-  rows = [r for r in res["rows"] if r["kind"] == "backward"]
+def backward_section(main_path, main_res):
+  rows, res, path = _pick(main_res, main_path, "backward", ("backward",))
   if not rows:
     return []
   return [
       "## Forward + backward (causal, bf16, T = S; TFLOP/s counting 3.5x the forward's FLOPs)",
       "",
-      f"From `{os.path.relpath(path, ROOT)}`: {res['device']}, jax {res['jax']}, "
-      f"{res['date'][:10]}. One call = the forward and the VJP for one output cotangent "
+      _source(res, path, main_path) + "One call = the forward and the VJP for one output cotangent "
       "(`jax.vjp`), what a training step runs per attention layer. Our column pairs the "
       "default forward with the backward the registry picks for it; cuDNN and XLA are "
       "`jax.grad` through `jax.nn.dot_product_attention` (XLA only where its float32 "
       "`[B, N, S, S]` fits); Pallas-Triton `mha` is JAX's kernel with its own backward (K/V "
-      "repeated beforehand, untimed; best of two backward block sizes).",
+      "repeated beforehand, untimed; the best of the backward block sizes tried).",
       "",
       backward_table(rows),
       "",
@@ -262,8 +301,6 @@ def window_section(path):
 
 def _history(main_path):
   shown = {os.path.abspath(main_path),
-           os.path.abspath(main_path.replace(".json", "-prefill.json")),
-           os.path.abspath(main_path.replace(".json", "-backward.json")),
            os.path.abspath(main_path.replace(".json", "-window.json"))}
   others = sorted(p for p in glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))
                   if os.path.abspath(p) not in shown)
@@ -281,34 +318,131 @@ def _history(main_path):
   return out + [""]
 
 
+def _load(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _pick(main_res, main_path, suffix, kinds):
+  """``(rows, res, path)`` of ``kinds``: from the main file, or from ``<main>-<suffix>.json``
+  (a part run on its own) where that is the newer run of them."""
+  rows = [r for r in main_res["rows"] if r["kind"] in kinds]
+  side = main_path.replace(".json", f"-{suffix}.json")
+  if os.path.exists(side):
+    res = _load(side)
+    side_rows = [r for r in res["rows"] if r["kind"] in kinds]
+    if side_rows and (not rows or res["date"] > main_res["date"]):
+      return side_rows, res, side
+  return rows, main_res, main_path
+
+
+def _source(res, path, main_path):
+  """A sentence naming the run a section comes from, when it is not the main file's."""
+  if path == main_path:
+    return ""
+  return (f"From an earlier run, `{os.path.relpath(path, ROOT)}`: {res['device']}, jax "
+          f"{res['jax']}, {res['date'][:10]}. ")
+
+
+def e2e_section(rows, host_rows):
+  if not rows and not host_rows:
+    return []
+  out = ["## End to end: generation with a Llama-3.2-1B-shaped model", "",
+         "16 layers, hidden 2048, 32:8 heads of 64, intermediate 8192, vocabulary 128256, random "
+         "bf16 weights, `scan_layers`; `flax_layers.generate` with `implementation=None` (ours), "
+         "`\"cudnn\"` and `\"xla\"`, same run. Wall-clock medians of whole calls, compiled "
+         "beforehand: prefill = `generate(max_new_tokens=1)` (the prompt's forward, its cache, "
+         "one token); decode tokens/s = B·(N - 1) / (t(N) - t(1)).", "",
+         "| B | prompt | new tokens | prefill ms: ours / cuDNN / XLA | decode tok/s: ours / "
+         "cuDNN / XLA | ours / cuDNN (decode) | notes |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    p, d = r["prefill_ms"], r["decode_tokens_per_s"]
+    notes = "; ".join(f"{k}: {v}" for k, v in {**r.get("skipped", {}),
+                                                **r.get("errors", {})}.items())
+    out.append(f"| {r['B']} | {r['prompt']} | {r['new_tokens']} | "
+               + " / ".join(_f(p.get(k), "{:.1f}") for k in ("ours", "cudnn", "xla")) + " | "
+               + " / ".join(_f(d.get(k)) for k in ("ours", "cudnn", "xla")) + " | "
+               + _f(r.get("decode_vs_cudnn"), "{:.2f}") + f" | {notes or '-'} |")
+  out.append("")
+  for r in host_rows:
+    out += ["### Host overhead of one `generate` call (batch 1)", "",
+            f"Prompt {r['prompt']}, {r['new_tokens']} new tokens: `generate` takes "
+            f"**{r['generate_wall_ms']:.2f} ms** of wall time; the compiled program called "
+            f"directly {r['program_wall_ms']:.2f} ms"
+            + (f"; its kernels (CUPTI, summed) {r['device_ms']:.2f} ms: wall minus device "
+               f"**{r['overhead_ms']:.2f} ms** (bar: 2 ms, "
+               f"{'met' if r['within_2ms'] else 'NOT met'})" if "device_ms" in r else "")
+            + f". What `generate` adds in Python over the program: "
+            f"{r['python_overhead_ms']:.2f} ms.", ""]
+  return out
+
+
+def headline(prefill, decode, e2e_rows):
+  """The README's table: ours / cuDNN at a few anchor points."""
+  out = ["| workload | ours | cuDNN | ours / cuDNN |", "|---|---|---|---|"]
+  for r in prefill:
+    if r["dtype"] == "bfloat16" and r["B"] * r["S"] in (16384,) and (r["N"], r["K"]) == (32, 8):
+      t = r["tflops"]
+      out.append(f"| prefill bf16 B{r['B']} S{r['S']} 32:8 H128 (TFLOP/s) | {_f(t.get('ours'))}"
+                 f" | {_f(t.get('cudnn'))} | {_f(_ratio(t.get('ours'), t.get('cudnn')), '{:.2f}')} |")
+  for r in decode:
+    if (r["B"], r["S_max"], r["N"], r["K"]) in ((16, 8192, 32, 8), (1, 32768, 32, 8)):
+      ms = r["ms"]
+      out.append(f"| decode B{r['B']} S{r['S_max']} 32:8 H128 (us) | "
+                 f"{_f(ms.get('ours', 0) * 1e3, '{:.1f}')} | "
+                 f"{_f(ms['cudnn'] * 1e3 if 'cudnn' in ms else None, '{:.1f}')} | "
+                 f"{_f(_ratio(ms.get('cudnn'), ms.get('ours')), '{:.2f}')} (time) |")
+  for r in e2e_rows:
+    d = r["decode_tokens_per_s"]
+    out.append(f"| Llama-3.2-1B shapes, B{r['B']}, prompt {r['prompt']}: decode tokens/s | "
+               f"{_f(d.get('ours'))} | {_f(d.get('cudnn'))} | "
+               f"{_f(r.get('decode_vs_cudnn'), '{:.2f}')} |")
+  return "\n".join(out) if len(out) > 2 else ""
+
+
+README_BEGIN = "<!-- headline: generated by python -m benchmarks.report -->"
+README_END = "<!-- /headline -->"
+
+
+def update_readme(table, res, rel, path=os.path.join(ROOT, "README.md")):
+  """Replaces the block between the README's headline markers; False where it has none."""
+  with open(path) as f:
+    text = f.read()
+  if README_BEGIN not in text or README_END not in text or not table:
+    return False
+  head, rest = text.split(README_BEGIN, 1)
+  _, tail = rest.split(README_END, 1)
+  block = (f"{README_BEGIN}\n{res['device']}, jax {res['jax']}, {res['date'][:10]} (`{rel}`; all "
+           f"figures and more in [docs/benchmarks.md](docs/benchmarks.md)):\n\n{table}\n"
+           f"{README_END}")
+  with open(path, "w") as f:
+    f.write(head + block + tail)
+  return True
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
-  path = argv[0] if argv else DEFAULT
-  with open(path) as f:
-    res = json.load(f)
+  path = os.path.abspath(argv[0] if argv else DEFAULT)
+  res = _load(path)
   rows = res["rows"]
-  prefill = [r for r in rows if r["kind"] == "prefill"]
-  chunked = [r for r in rows if r["kind"] == "chunked_prefill"]
-  # A later prefill-only run (``--only prefill,chunked``) supersedes the main file's prefill.
-  prefill_path, prefill_res = path.replace(".json", "-prefill.json"), res
-  if os.path.exists(prefill_path):
-    with open(prefill_path) as f:
-      prefill_res = json.load(f)
-    prefill = [r for r in prefill_res["rows"] if r["kind"] == "prefill"]
-    chunked = [r for r in prefill_res["rows"] if r["kind"] == "chunked_prefill"]
+  prefill, prefill_res, prefill_path = _pick(res, path, "prefill", ("prefill",))
+  chunked, chunked_res, chunked_path = _pick(res, path, "prefill", ("chunked_prefill",))
   decode = [r for r in rows if r["kind"] == "decode" and r["label"] == "full"]
   ragged = [r for r in rows if r["kind"] == "decode" and r["label"].startswith("ragged")]
   t4 = [r for r in rows if r["kind"] == "decode" and r["label"] == "T4"]
-  img_dir = os.path.join(ROOT, "docs", "img")
-  made = plots(prefill, decode, res, img_dir)
+  e2e_rows = [r for r in rows if r["kind"] == "e2e"]
+  host_rows = [r for r in rows if r["kind"] == "host_overhead"]
+  made = plots_from(path, IMG_DIR)
   rel = os.path.relpath(path, ROOT)
   read = (f", read-only **{res['read_gbs']:.0f} GB/s** (an f32-accumulated sum over bf16)"
           if res.get("read_gbs") else "")
+  command = res.get("command", "python -m benchmarks.run")
   text = [
       "# Benchmarks",
       "",
-      f"Generated by `python -m benchmarks.report` from `{rel}` (written by "
-      "`python -m benchmarks.run` on the GPU machine). Do not edit by hand.",
+      f"Generated by `python -m benchmarks.report` from `{rel}` (written by `{command}` on the "
+      "GPU machine; `gqa-pallas bench all` regenerates the file, the plots and this page). Do "
+      "not edit by hand.",
       "",
       f"Device: **{res['device']}**, jax {res['jax']}, {res['date'][:10]}. Ceilings measured in "
       f"the same run: device copy **{res['copy_gbs']:.0f} GB/s** (read + write){read}, bf16 "
@@ -319,22 +453,17 @@ def main(argv=None):
       "also timed under its own name.",
       "",
   ]
-  if prefill_res is not res:
-    text += [
-        f"The prefill and chunked-prefill tables come from a later run, "
-        f"`{os.path.relpath(prefill_path, ROOT)}`: {prefill_res['device']}, jax "
-        f"{prefill_res['jax']}, {prefill_res['date'][:10]}, copy "
-        f"{prefill_res['copy_gbs']:.0f} GB/s, bf16 matmul {prefill_res['matmul_tflops']:.0f} "
-        "TFLOP/s; the decode tables from the main file.",
-        "",
-    ]
+  if res.get("seconds"):
+    text += ["Time the run took, by part (s): " + ", ".join(
+        f"{k} {v:.0f}" for k, v in res["seconds"].items()) + ".", ""]
   for dtype in sorted({r["dtype"] for r in prefill}):
     text += [
         f"## Prefill (causal, {dtype}, T = S; TFLOP/s with causal FLOPs 2·B·S²·N·H)",
         "",
+        _source(prefill_res, prefill_path, path) +
         "Pallas-Triton `mha` and Mosaic `attention_mgpu` are JAX's own kernels (no GQA packing: "
-        "`mha` gets K/V repeated beforehand, repeat not timed; best of their block configs; "
-        "`attention_mgpu` runs fp16 only). Our kernels read each K/V tile once per group.",
+        "`mha` gets K/V repeated beforehand, repeat not timed; the best of the block configs "
+        "tried; `attention_mgpu` runs fp16 only). Our kernels read each K/V tile once per group.",
         "",
         prefill_table([r for r in prefill if r["dtype"] == dtype]),
         "",
@@ -343,6 +472,7 @@ def main(argv=None):
     text += [
         "## Chunked prefill (T new tokens onto a cache of S, bottom-right causal, bf16)",
         "",
+        _source(chunked_res, chunked_path, path) +
         "TFLOP/s of the visible work (4·B·N·H·Σ keys seen per row). `jax.nn`'s cuDNN path cannot "
         "express bottom-right offsets, so the comparison is our Triton kernel and the square-"
         "causal rate of the same head config (`implementation=None`, same run).",
@@ -350,26 +480,25 @@ def main(argv=None):
         chunked_table(chunked),
         "",
     ]
-  text += [
-      "## Decode (one query token per row, full caches, bf16)",
-      "",
-      "GB/s = bytes of K and V actually read (per-row lengths) / time. cuDNN and XLA are "
-      "`jax.nn.dot_product_attention(..., key_value_seq_lengths=...)`; `jnp ref` is this "
-      "package's reference under `jit`; JAX Pallas `gqa` is `decode_attention.gqa`.",
-      "",
-      decode_table(decode, res),
-      "",
-      "### Ragged lengths (B16, S_max 8192, 32:8, H128)",
-      "",
-      ragged_table(ragged),
-      "",
-      "### Several query tokens per row (T = 4, speculative / chunked decoding)",
-      "",
-      t4_table(t4),
-      "",
-  ]
-  text += step_section(path.replace(".json", "-decode-step.json"))
-  text += backward_section(path.replace(".json", "-backward.json"))
+  if decode:
+    text += [
+        "## Decode (one query token per row, full caches, bf16)",
+        "",
+        "GB/s = bytes of K and V actually read (per-row lengths) / time. cuDNN and XLA are "
+        "`jax.nn.dot_product_attention(..., key_value_seq_lengths=...)`; `jnp ref` is this "
+        "package's reference under `jit`; JAX Pallas `gqa` is `decode_attention.gqa`.",
+        "",
+        decode_table(decode, res),
+        "",
+    ]
+  if ragged:
+    text += ["### Ragged lengths (B16, S_max 8192, 32:8, H128)", "", ragged_table(ragged), ""]
+  if t4:
+    text += ["### Several query tokens per row (T = 4, speculative / chunked decoding)", "",
+             t4_table(t4), ""]
+  text += step_section(path, res)
+  text += backward_section(path, res)
+  text += e2e_section(e2e_rows, host_rows)
   text += window_section(path.replace(".json", "-window.json"))
   for p in made:
     text += [f"![{os.path.basename(p)}](img/{os.path.basename(p)})", ""]
@@ -389,6 +518,8 @@ def main(argv=None):
   with open(out, "w") as f:
     f.write("\n".join(text))
   print("wrote", out, *made)
+  if update_readme(headline(prefill, decode, e2e_rows), res, rel):
+    print("updated the README's headline table")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ DECODE_SWEEP = [DecodeConfig(bk, w, st, programs_per_sm=p, min_split_keys=mk,
 
 # JAX's Pallas Mosaic GPU attention (fp16 only: its shared buffers are fp16), best of these
 # (block_q, block_kv, max_concurrent_steps).
-PL_MGPU_CONFIGS = [(64, 64, 2), (64, 128, 2), (64, 128, 3)]
+PL_MGPU_CONFIGS = [(64, 128, 2), (64, 64, 2), (64, 128, 3)]
 
 
 def _try(fn):
@@ -77,15 +77,17 @@ def _rel_err(out, ref):
   return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def _backends(op, dims, dtype, **features):
+def _backends(op, dims, dtype, interpret=False, **features):
   """(the default backend's name, the Pallas backends that run this shape on this device);
-  ``features``: ``sliding_window`` / ``logits_soft_cap`` of the ``registry.Problem``."""
+  ``features``: ``sliding_window`` / ``logits_soft_cap`` of the ``registry.Problem``. With
+  ``interpret`` (a run without a GPU): the backends whose interpreter runs in seconds."""
   problem = registry.Problem(op, dims, jnp.dtype(dtype).name, device=devices.current(),
-                             **features)
+                             interpret=interpret, **features)
   default = registry.resolve(None, problem).name
   names = [n for n in gp.IMPLEMENTATIONS
-           if n != "xla" and op in registry.get(n).ops
-           and registry.get(n).unsupported(problem) is None]
+           if registry.get(n).is_pallas and op in registry.get(n).ops
+           and registry.get(n).unsupported(problem) is None
+           and not (interpret and registry.get(n).slow_interpreter)]
   return default, names
 
 
@@ -103,8 +105,10 @@ class _Results(list):
 
   def save(self):
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    with open(self.path, "w") as f:
+    tmp = self.path + ".tmp"  # a run killed mid-write keeps the previous file whole
+    with open(tmp, "w") as f:
       json.dump(dict(self.header, rows=list(self)), f, indent=1)
+    os.replace(tmp, self.path)
 
 
 class _Row(dict):
@@ -136,16 +140,22 @@ class _Row(dict):
       self["ms"][label], self[self.rate_key][label] = self["ms"][name], self[self.rate_key][name]
 
 
-def bench_prefill(sweep: bool, iterations: int, dtypes, rows):
-  """Appends one row per (dtype, shape) to ``rows`` (a ``_Results``, saved as it grows)."""
+def bench_prefill(sweep: bool, iterations: int, dtypes, rows, grid=None, gpu=True,
+                  baseline_configs=None):
+  """Appends one row per (dtype, shape) to ``rows`` (a ``_Results``, saved as it grows).
+
+  ``gpu=False`` (a machine without one): our kernels in interpret mode and XLA, no cuDNN and no
+  JAX Pallas baselines. ``baseline_configs``: how many block configs of JAX's own Pallas
+  kernels to try (all by default)."""
   for dtype in dtypes:
-    for (b, s, n, kh, h) in shapes.PREFILL_GRID:
+    for (b, s, n, kh, h) in (grid or shapes.PREFILL_GRID):
       ks = jax.random.split(jax.random.key(b * s + n), 3)
       q = common.rand(ks[0], (b, s, n, h), dtype)
       k, v = common.rand(ks[1], (b, s, kh, h), dtype), common.rand(ks[2], (b, s, kh, h), dtype)
       flops = 2 * b * s * s * n * h  # causal: half of 4*B*T*S*N*H
       scale = 1 / math.sqrt(h)
-      default, backends = _backends("prefill", AttentionDims(b, s, s, n, kh, h), dtype)
+      default, backends = _backends("prefill", AttentionDims(b, s, s, n, kh, h), dtype,
+                                    interpret=not gpu)
       row = _Row("tflops", flops, kind="prefill", B=b, S=s, N=n, K=kh, H=h,
                  dtype=jnp.dtype(dtype).name, causal=True, flops=flops, ours_backend=default)
       record = functools.partial(row.record, iterations=iterations)
@@ -156,14 +166,17 @@ def bench_prefill(sweep: bool, iterations: int, dtypes, rows):
           label = name if cfg is None else (
               f"{name}[{cfg.block_m},{cfg.block_k},{cfg.num_warps},{cfg.num_stages}]")
           record(label, lambda q, k, v, name=name, cfg=cfg: gp.gqa_attention(
-              q, k, v, implementation=name, config=cfg), q, k, v)
+              q, k, v, implementation=name, config=cfg, interpret=not gpu), q, k, v)
         if sweep and name == "triton":
           row.best_of("triton", "triton")
+      if not gpu:
+        record("xla", lambda q, k, v: gp.gqa_attention(q, k, v, implementation="xla"), q, k, v)
       row.alias(default, "ours")
-      record("cudnn", lambda q, k, v: jax.nn.dot_product_attention(
-          q, k, v, is_causal=True, implementation="cudnn"), q, k, v)
-      if not sweep:  # a sweep compares our configs (and cuDNN) only
-        _prefill_baselines(record, row, q, k, v, scale)
+      if gpu:
+        record("cudnn", lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="cudnn"), q, k, v)
+      if gpu and not sweep:  # a sweep compares our configs (and cuDNN) only
+        _prefill_baselines(record, row, q, k, v, scale, baseline_configs)
       # Correctness of the default backend on this very input, against cuDNN and a float32
       # reference on the first kv group of batch row 0 (the full reference would not fit).
       out = gp.gqa_attention(q, k, v)
@@ -172,7 +185,7 @@ def bench_prefill(sweep: bool, iterations: int, dtypes, rows):
                                    q_offset=jnp.array([s - sl]))
       row["rel_err_vs_f32_ref"] = _rel_err(out[:1, -sl:, :g], ref)
       cud = _try(lambda: jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                      implementation="cudnn"))
+                                                      implementation="cudnn")) if gpu else ""
       if not isinstance(cud, str):
         row["rel_err_vs_cudnn"] = _rel_err(out, cud)
       rows.append(row)
@@ -276,8 +289,9 @@ def bench_chunked_prefill(iterations: int, rows, dtype=jnp.bfloat16):
           f"(square {sq or 0:.0f}) err {row['rel_err_vs_f32_ref']:.2e}", flush=True)
 
 
-def _prefill_baselines(record, row, q, k, v, scale):
-  """XLA and JAX's own Pallas kernels on the same inputs."""
+def _prefill_baselines(record, row, q, k, v, scale, num_configs=None):
+  """XLA and JAX's own Pallas kernels on the same inputs (the first ``num_configs`` block
+  configs of each, all by default)."""
   from jax.experimental.pallas.ops.gpu import attention as pl_attention  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas.ops.gpu import attention_mgpu as pl_mgpu  # pylint: disable=g-import-not-at-top
   record("xla", lambda q, k, v: jax.nn.dot_product_attention(
@@ -285,14 +299,16 @@ def _prefill_baselines(record, row, q, k, v, scale):
   # JAX's Pallas-Triton mha has no GQA: K/V repeated beforehand, the repeat is not timed.
   g = q.shape[2] // k.shape[2]
   kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-  for bq, bk, nw in ((128, 64, None), (128, 128, None), (64, 64, None), (128, 64, 4)):
+  # Best first on the H200 (so that a lean run's one config is the usual winner).
+  for bq, bk, nw in ((128, 64, 4), (64, 64, None), (128, 128, None),
+                     (128, 64, None))[:num_configs]:
     record(f"pl-triton[{bq},{bk},{nw}]", lambda q, k, v, bq=bq, bk=bk, nw=nw: pl_attention.mha(
         q, k, v, None, sm_scale=scale, causal=True,
         block_sizes=pl_attention.BlockSizes(block_q=bq, block_k=bk), num_warps=nw), q, kr, vr)
   row.best_of("pl-triton", "pl-triton")
   del kr, vr
   if q.dtype == jnp.float16:  # it keeps its shared-memory buffers in fp16
-    for bq, bkv, st in PL_MGPU_CONFIGS:
+    for bq, bkv, st in PL_MGPU_CONFIGS[:num_configs]:
       cfg = pl_mgpu.TuningConfig(block_q=bq, block_kv=bkv, max_concurrent_steps=st, causal=True)
       # (It applies no logit scale; the timing does not depend on it.)
       record(f"pl-mgpu[{bq},{bkv},{st}]", lambda q, k, v, cfg=cfg: pl_mgpu.attention(
@@ -315,38 +331,47 @@ def _fwd_bwd(attention):
   return run
 
 
-def bench_backward(sweep: bool, iterations: int, rows, dtype=jnp.bfloat16):
+def bench_backward(sweep: bool, iterations: int, rows, dtype=jnp.bfloat16, grid=None, gpu=True,
+                   baseline_configs=None, kernels_alone=True):
   """Forward+backward of the prefill grid (TFLOP/s counting 3.5x the causal forward's FLOPs):
   each of our forward backends with the backward the registry pairs it with, cuDNN and XLA
-  through ``jax.nn``, and JAX's Pallas-Triton ``mha`` (K/V repeated beforehand, untimed)."""
+  through ``jax.nn``, and JAX's Pallas-Triton ``mha`` (K/V repeated beforehand, untimed).
+  ``gpu=False``: our kernels in interpret mode and XLA only."""
   from jax.experimental.pallas.ops.gpu import attention as pl_attention  # pylint: disable=g-import-not-at-top
-  for (b, s, n, kh, h) in shapes.PREFILL_GRID:
+  for (b, s, n, kh, h) in (grid or shapes.PREFILL_GRID):
     ks = jax.random.split(jax.random.key(b * s + n + 7), 4)
     q = common.rand(ks[0], (b, s, n, h), dtype)
     k, v = common.rand(ks[1], (b, s, kh, h), dtype), common.rand(ks[2], (b, s, kh, h), dtype)
     d_out = common.rand(ks[3], (b, s, n, h), dtype)
     dims = AttentionDims(b, s, s, n, kh, h)
     flops = 3.5 * 2 * b * s * s * n * h
-    default, backends = _backends("prefill", dims, dtype)
-    problem = registry.Problem("prefill", dims, jnp.dtype(dtype).name, device=devices.current())
+    default, backends = _backends("prefill", dims, dtype, interpret=not gpu)
+    problem = registry.Problem("prefill", dims, jnp.dtype(dtype).name, device=devices.current(),
+                               interpret=not gpu)
     row = _Row("tflops", flops, kind="backward", B=b, S=s, N=n, K=kh, H=h,
                dtype=jnp.dtype(dtype).name, causal=True, flops=flops, ours_backend=default,
                backward_of={name: registry.resolve_backward(registry.get(name), problem).name
                             for name in backends})
     record = functools.partial(row.record, iterations=iterations)
     for name in backends:
-      record(name, _fwd_bwd(functools.partial(gp.gqa_attention, implementation=name)),
-             q, k, v, d_out)
+      record(name, _fwd_bwd(functools.partial(gp.gqa_attention, implementation=name,
+                                              interpret=not gpu)), q, k, v, d_out)
     row.alias(default, "ours")
     cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                          implementation="cudnn")
-    record("cudnn", _fwd_bwd(cudnn), q, k, v, d_out)
+    if gpu:
+      record("cudnn", _fwd_bwd(cudnn), q, k, v, d_out)
     if b * n * s * s * 4 <= 8 << 30:  # XLA materialises [B, N, S, S] in float32
       record("xla", _fwd_bwd(lambda q, k, v: jax.nn.dot_product_attention(
           q, k, v, is_causal=True, implementation="xla")), q, k, v, d_out)
+    if not gpu:
+      rows.append(row)
+      print(f"fwd+bwd {row['dtype']} B{b} S{s} {n}:{kh} H{h}: " + "  ".join(
+          f"{k_} {v_:.3g}" for k_, v_ in row["tflops"].items()) + " TFLOP/s (CPU)", flush=True)
+      continue
     g = n // kh
     kr, vr = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-    for blocks in ((32, 32), (64, 64)):
+    for blocks in ((64, 64), (32, 32))[:baseline_configs]:  # best first on the H200
       sizes = pl_attention.BlockSizes(block_q=128, block_k=64, block_q_dkv=blocks[0],
                                       block_kv_dkv=blocks[1], block_q_dq=blocks[0],
                                       block_kv_dq=blocks[1])
@@ -360,7 +385,7 @@ def bench_backward(sweep: bool, iterations: int, rows, dtype=jnp.bfloat16):
     kv_lengths = jnp.full((b,), s, jnp.int32)
     q_offset = jnp.zeros((b,), jnp.int32)
     out, lse = gp.gqa_attention(q, k, v, return_lse=True)
-    for name in dict.fromkeys(row["backward_of"].values()):
+    for name in dict.fromkeys(row["backward_of"].values() if kernels_alone else ()):
       backend = registry.get(name)
       if "prefill_bwd" not in backend.ops or name == "xla":
         continue
@@ -388,8 +413,9 @@ def bench_backward(sweep: bool, iterations: int, rows, dtype=jnp.bfloat16):
           f"err vs cudnn {row.get('rel_err_vs_cudnn')}", flush=True)
 
 
-def bench_decode(sweep: bool, iterations: int, ceilings: dict, rows, grid=None):
-  """Appends the decode rows to ``rows``: the grid, ragged lengths and T = 4."""
+def bench_decode(sweep: bool, iterations: int, ceilings: dict, rows, grid=None, gpu=True):
+  """Appends the decode rows to ``rows``: the grid, ragged lengths and T = 4 (with ``grid``:
+  those shapes only). ``gpu=False``: our kernels in interpret mode, XLA and the reference."""
   from jax.experimental.pallas.ops.gpu import decode_attention as pl_decode  # pylint: disable=g-import-not-at-top
 
   def run_case(b, s, n, kh, h, lengths, t=1, label="full", baselines=True):
@@ -398,7 +424,8 @@ def bench_decode(sweep: bool, iterations: int, ceilings: dict, rows, grid=None):
     k, v = common.rand(ks[1], (b, s, kh, h)), common.rand(ks[2], (b, s, kh, h))
     cache = gp.KVCache(k, v, jnp.asarray(lengths, jnp.int32))
     read_bytes = int(2 * np.sum(np.asarray(lengths)) * kh * h * 2)
-    default, backends = _backends("decode", AttentionDims(b, t, s, n, kh, h), jnp.bfloat16)
+    default, backends = _backends("decode", AttentionDims(b, t, s, n, kh, h), jnp.bfloat16,
+                                  interpret=not gpu)
     row = _Row("gbs", read_bytes, kind="decode", label=label, B=b, S_max=s, N=n, K=kh, H=h, T=t,
                dtype="bfloat16", mean_length=float(np.mean(np.asarray(lengths))),
                kv_bytes_read=read_bytes, ours_backend=default)
@@ -411,17 +438,18 @@ def bench_decode(sweep: bool, iterations: int, ceilings: dict, rows, grid=None):
                                            f"{cfg.num_stages},{cfg.programs_per_sm},"
                                            f"{cfg.min_split_keys}]")
         record(label_, lambda q, c, name=name, cfg=cfg: gp.gqa_decode(
-            q, c, implementation=name, config=cfg), q, cache)
+            q, c, implementation=name, config=cfg, interpret=not gpu), q, cache)
       if sweep and name == "triton":
         row.best_of("triton", "triton")
     row.alias(default, "ours")
-    if baselines and t == 1:
+    if baselines and t == 1 and gpu:
       record("cudnn", lambda q, c: jax.nn.dot_product_attention(
           q, c.k, c.v, key_value_seq_lengths=c.lengths, implementation="cudnn"), q, cache)
     if baselines and t == 1 and not sweep:  # a sweep compares our configs (and cuDNN) only
       record("xla", lambda q, c: jax.nn.dot_product_attention(
           q, c.k, c.v, key_value_seq_lengths=c.lengths, implementation="xla"), q, cache)
       record("jnp-ref", lambda q, c: gp.gqa_decode(q, c, implementation="xla"), q, cache)
+    if baselines and t == 1 and not sweep and gpu:
       record("pl-gqa", lambda q, c: pl_decode.gqa(
           q[:, 0], c.k, c.v, kv_seq_len=c.lengths, sm_scale=scale), q, cache)
     out = gp.gqa_decode(q, cache)

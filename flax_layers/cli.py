@@ -8,6 +8,8 @@ Subcommands:
              (``--checkpoint DIR``), or from a random-weight model built on the fly without one.
              Token ids in and out; text in and out when the directory has a ``tokenizer.json`` and
              the ``tokenizers`` package is installed.
+  bench      ``bench {prefill,decode,backward,e2e,all}``: the benchmarks of a source checkout
+             (``benchmarks/bench.py``): every implementation side by side, one JSON, plots.
 """
 from __future__ import annotations
 
@@ -244,6 +246,23 @@ def cmd_generate(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _bench_module():
+  """``benchmarks.bench`` of the source checkout this package runs from (it is not installed:
+  it writes into the checkout's ``benchmarks/results``)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if not os.path.exists(os.path.join(root, "benchmarks", "bench.py")):
+    raise UsageError("gqa-pallas bench runs from a source checkout: git clone the repository, "
+                     "pip install -e '.[bench]' there, and run it again.")
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
+  return bench
+
+
+def cmd_bench(args):
+  return _bench_module().main_with_args(args)
+
+
 def _backend_args(p):
   p.add_argument("--implementation", choices=("auto",) + IMPLEMENTATIONS, default="auto",
                  help="attention backend of the model: auto = the Pallas kernels on a GPU, XLA "
@@ -308,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--json", action="store_true", help="print the results as JSON")
   _backend_args(g)
   g.set_defaults(func=cmd_generate)
+
+  b = sub.add_parser("bench", help="benchmarks: ceilings, then every implementation side by side "
+                     "(a source checkout)", **fmt)
+  try:
+    _bench_module().add_arguments(b)
+  except UsageError as e:
+    b.add_argument("part", help=str(e))
+  b.set_defaults(func=cmd_bench)
   return parser
 
 
