@@ -113,7 +113,7 @@ def t4_table(rows):
 
 def step_section(main_path, main_res):
   """The jit decode-step table: the main file's rows, else ``<main>-decode-step.json``."""
-  rows, res, path = _pick(main_res, main_path, "decode-step", ("decode_step",))
+  rows, res, path = _pick(main_res, main_path, "decode-step", ("decode_step",), "decode")
   if not rows:
     return []
   out = ["### A jit decode step (append one token + decode)", "",
@@ -135,10 +135,11 @@ def step_section(main_path, main_res):
 _PLOT_IMPLS = ("ours", "mosaic", "triton", "cudnn", "pl-mgpu", "pl-triton", "pl-gqa", "xla")
 
 
-def plots_from(path, img_dir):
+def plots_from(path, img_dir, rows=None):
   """The PNGs of one results file: prefill TFLOP/s against the sequence length per head config,
   decode GB/s against the cache length with the bandwidth ceilings, end-to-end decode tokens/s
-  per batch. Returns the paths written (none without matplotlib, or for a file without rows)."""
+  per batch (``rows``: these instead of the file's). Returns the paths written (none without
+  matplotlib, or for a file without rows)."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
@@ -146,7 +147,7 @@ def plots_from(path, img_dir):
   except ImportError:
     return []
   res = _load(path)
-  rows = res["rows"]
+  rows = res["rows"] if rows is None else rows
   title = f"{res['device']}, jax {res['jax']}, {res['date'][:10]}"
   if not res.get("gpu", True):
     title += " (CPU: not GPU numbers)"
@@ -245,7 +246,7 @@ def backward_table(rows):
 
 
 def backward_section(main_path, main_res):
-  rows, res, path = _pick(main_res, main_path, "backward", ("backward",))
+  rows, res, path = _pick(main_res, main_path, "backward", ("backward",), "backward")
   if not rows:
     return []
   return [
@@ -323,10 +324,13 @@ def _load(path):
     return json.load(f)
 
 
-def _pick(main_res, main_path, suffix, kinds):
+def _pick(main_res, main_path, suffix, kinds, part):
   """``(rows, res, path)`` of ``kinds``: from the main file, or from ``<main>-<suffix>.json``
-  (a part run on its own) where that is the newer run of them."""
+  (a part run on its own) where that is the newer run of them or the main file's run of
+  ``part`` did not finish (a ``gqa-pallas bench`` file lists its finished parts)."""
   rows = [r for r in main_res["rows"] if r["kind"] in kinds]
+  if "seconds" in main_res and part not in main_res["seconds"]:
+    rows = []
   side = main_path.replace(".json", f"-{suffix}.json")
   if os.path.exists(side):
     res = _load(side)
@@ -344,11 +348,11 @@ def _source(res, path, main_path):
           f"{res['jax']}, {res['date'][:10]}. ")
 
 
-def e2e_section(rows, host_rows):
+def e2e_section(rows, host_rows, source=""):
   if not rows and not host_rows:
     return []
   out = ["## End to end: generation with a Llama-3.2-1B-shaped model", "",
-         "16 layers, hidden 2048, 32:8 heads of 64, intermediate 8192, vocabulary 128256, random "
+         source + "16 layers, hidden 2048, 32:8 heads of 64, intermediate 8192, vocabulary 128256, random "
          "bf16 weights, `scan_layers`; `flax_layers.generate` with `implementation=None` (ours), "
          "`\"cudnn\"` and `\"xla\"`, same run. Wall-clock medians of whole calls, compiled "
          "beforehand: prefill = `generate(max_new_tokens=1)` (the prompt's forward, its cache, "
@@ -425,14 +429,14 @@ def main(argv=None):
   path = os.path.abspath(argv[0] if argv else DEFAULT)
   res = _load(path)
   rows = res["rows"]
-  prefill, prefill_res, prefill_path = _pick(res, path, "prefill", ("prefill",))
-  chunked, chunked_res, chunked_path = _pick(res, path, "prefill", ("chunked_prefill",))
+  prefill, prefill_res, prefill_path = _pick(res, path, "prefill", ("prefill",), "prefill")
+  chunked, chunked_res, chunked_path = _pick(res, path, "prefill", ("chunked_prefill",), "prefill")
   decode = [r for r in rows if r["kind"] == "decode" and r["label"] == "full"]
   ragged = [r for r in rows if r["kind"] == "decode" and r["label"].startswith("ragged")]
   t4 = [r for r in rows if r["kind"] == "decode" and r["label"] == "T4"]
-  e2e_rows = [r for r in rows if r["kind"] == "e2e"]
-  host_rows = [r for r in rows if r["kind"] == "host_overhead"]
-  made = plots_from(path, IMG_DIR)
+  e2e_rows, e2e_res, e2e_path = _pick(res, path, "e2e", ("e2e",), "e2e")
+  host_rows = [r for r in e2e_res["rows"] if r["kind"] == "host_overhead"]
+  made = plots_from(path, IMG_DIR, rows=prefill + decode + e2e_rows)
   rel = os.path.relpath(path, ROOT)
   read = (f", read-only **{res['read_gbs']:.0f} GB/s** (an f32-accumulated sum over bf16)"
           if res.get("read_gbs") else "")
@@ -453,9 +457,14 @@ def main(argv=None):
       "also timed under its own name.",
       "",
   ]
-  if res.get("seconds"):
-    text += ["Time the run took, by part (s): " + ", ".join(
-        f"{k} {v:.0f}" for k, v in res["seconds"].items()) + ".", ""]
+  if res.get("seconds") is not None:
+    missing = [p for p in ("prefill", "decode", "backward", "e2e") if p not in res["seconds"]
+               and res.get("command") == "gqa-pallas bench all"]
+    text += ["Time the run took, by part (s): " + (", ".join(
+        f"{k} {v:.0f}" for k, v in res["seconds"].items()) or "none finished") + "." + (
+            f" It was cut short before finishing {', '.join(missing)} (the GPU machine's time "
+            "limit; `gqa-pallas bench all --resume` finishes it): those sections come from the "
+            "earlier runs they name." if missing else ""), ""]
   for dtype in sorted({r["dtype"] for r in prefill}):
     text += [
         f"## Prefill (causal, {dtype}, T = S; TFLOP/s with causal FLOPs 2·B·S²·N·H)",
@@ -498,7 +507,7 @@ def main(argv=None):
              t4_table(t4), ""]
   text += step_section(path, res)
   text += backward_section(path, res)
-  text += e2e_section(e2e_rows, host_rows)
+  text += e2e_section(e2e_rows, host_rows, _source(e2e_res, e2e_path, path))
   text += window_section(path.replace(".json", "-window.json"))
   for p in made:
     text += [f"![{os.path.basename(p)}](img/{os.path.basename(p)})", ""]

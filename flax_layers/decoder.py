@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_layers.attention import GQAAttention
-from gqa_pallas import reference
+from gqa_pallas import reference, validation
 from gqa_pallas.cache import KVCache
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -322,6 +322,7 @@ class Decoder(nn.Module):
       logits ``[B, T, V]`` (or ``[B, V]``), and the new cache when a cache was given.
     """
     cfg = self.config
+    validation.check_flags(cache_empty=cache_empty)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be int32[B, T]; got shape {tokens.shape}.")
     b, t = tokens.shape
@@ -336,7 +337,7 @@ class Decoder(nn.Module):
     if cfg.family == "gemma2":  # HF rounds the normaliser to the compute dtype first
       x = x * jnp.asarray(cfg.hidden_size ** 0.5, cfg.compute_dtype)
     block_kw = dict(config=cfg, implementation=self.implementation, interpret=self.interpret,
-                    precision=self.precision, cache_empty=bool(cache_empty) and cache is not None)
+                    precision=self.precision, cache_empty=cache_empty and cache is not None)
     if cfg.scan_layers:
       if cache is not None and not (isinstance(cache, KVCache) and cache.num_layers is not None):
         raise ValueError("scan_layers=True needs a layer-stacked KVCache (init_cache or "

@@ -20,8 +20,13 @@ Refused: per-row ``q_offset`` arrays, ``T > 1`` decode, ``logits_soft_cap``, ``r
 (``jax.nn`` returns cuDNN's log-sum-exp in the input dtype, not float32), float32, a CPU. Rows
 with no visible key output exactly 0, as everywhere (cuDNN's own value there is not relied on).
 Gradients are cuDNN's backward (JAX differentiates ``jax.nn.dot_product_attention``). The cache
-append is the reference's (``jnp``; cuDNN has none). Invisible slots (a non-finite value where
-no query looks) are cuDNN's own business here: docs/numerics.md says what it does.
+append is the reference's (``jnp``; cuDNN has none).
+
+Invisible slots (design.md): cuDNN's prefill lets a NaN in V reach the queries before its
+position (measured on the H200: the ``0 * NaN`` of a partly visible block), so the prefill
+clears non-finite K/V values in XLA before the call and sets to NaN, after it, the rows whose
+visible range holds such a slot (per-kv-head prefix counts, one gather per row). Its decode
+(one query over ``key_value_seq_lengths``) never reads past the lengths: nothing to do there.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gqa_pallas import reference, registry
+from gqa_pallas import finite, reference, registry
 
 # cuDNN's fused attention (sm80 and newer) takes these head dims.
 _HEAD_DIMS = "a multiple of 8 up to 128"
@@ -42,16 +47,50 @@ def _head_dim_ok(h: int) -> bool:
   return h % 8 == 0 and 0 < h <= 128
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale", "window", "with_lengths"))
-def _sdpa(q, k, v, kv_lengths, *, causal, scale, window, with_lengths):
-  out = jax.nn.dot_product_attention(
-      q, k, v, scale=scale, is_causal=causal,
-      key_value_seq_lengths=kv_lengths if with_lengths else None,
-      local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+def _call(sdpa, q, k, v, kv_lengths, *, causal, scale, window, with_lengths):
+  out = sdpa(q, k, v, scale=scale, is_causal=causal,
+             key_value_seq_lengths=kv_lengths if with_lengths else None,
+             local_window_size=None if window is None else (window - 1, 0),
+             implementation="cudnn")
   if with_lengths:
     # A row with no visible key is 0 by definition (cuDNN's value there is not ours to rely on).
     out = jnp.where((kv_lengths > 0)[:, None, None, None], out, jnp.zeros((), out.dtype))
   return out
+
+
+def prefill_with_finite_guard(sdpa, q, k, v, kv_lengths, *, causal, scale, window,
+                              with_lengths):
+  """``sdpa`` (``jax.nn.dot_product_attention``'s signature) on K/V cleared of non-finite values,
+  with NaN for the rows that see one: the invisible-slot rule of design.md around a kernel that
+  does not keep it. Rows sit at positions ``0..T-1`` (the top-left forms this backend runs)."""
+  b, t, n, _ = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  counts = finite.bad_slot_counts(jnp.concatenate([k, v], axis=-1))  # [B, K, S + 1]
+  out = _call(sdpa, q, finite.clear(k), finite.clear(v), kv_lengths, causal=causal, scale=scale,
+              window=window, with_lengths=with_lengths)
+  pos = jnp.arange(t, dtype=jnp.int32)[None, :]
+  hi = jnp.broadcast_to(kv_lengths[:, None], (b, t))
+  if causal:
+    hi = jnp.minimum(hi, pos + 1)
+  lo = jnp.zeros_like(hi) if window is None else jnp.maximum(pos - window + 1, 0)
+  hi = jnp.clip(hi, 0, s)
+  lo = jnp.minimum(lo, hi)
+  at = lambda i: jnp.take_along_axis(counts, jnp.broadcast_to(i[:, None, :], (b, kh, t)), axis=2)
+  seen = jnp.repeat(jnp.moveaxis(at(hi) - at(lo) > 0, 1, 2), n // kh, axis=2)  # [B, T, N]
+  return jnp.where(seen[..., None], jnp.asarray(jnp.nan, out.dtype), out)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale", "window", "with_lengths"))
+def _prefill(q, k, v, kv_lengths, *, causal, scale, window, with_lengths):
+  return prefill_with_finite_guard(jax.nn.dot_product_attention, q, k, v, kv_lengths,
+                                   causal=causal, scale=scale, window=window,
+                                   with_lengths=with_lengths)
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _decode(q, k, v, lengths, *, scale):
+  return _call(jax.nn.dot_product_attention, q, k, v, lengths, causal=False, scale=scale,
+               window=None, with_lengths=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,13 +158,13 @@ class CudnnBackend(registry.Backend):
   def prefill(self, q, k, v, q_offset, kv_lengths, *, causal, scale, return_lse, interpret,
               config, sliding_window=None, logits_soft_cap=None):
     del q_offset, return_lse, interpret, logits_soft_cap  # implied by the problem, or refused
-    return _sdpa(q, k, v, kv_lengths, causal=causal, scale=scale, window=sliding_window,
-                 with_lengths=config.with_lengths)
+    return _prefill(q, k, v, kv_lengths, causal=causal, scale=scale, window=sliding_window,
+                    with_lengths=config.with_lengths)
 
   def decode(self, q, k, v, q_offset, lengths, *, scale, return_lse, interpret, config,
              sliding_window=None, logits_soft_cap=None):
     del q_offset, return_lse, interpret, config, sliding_window, logits_soft_cap
-    return _sdpa(q, k, v, lengths, causal=False, scale=scale, window=None, with_lengths=True)
+    return _decode(q, k, v, lengths, scale=scale)
 
   def append(self, k, v, lengths, overflowed, k_new, v_new, num_new, *, interpret):
     del interpret

@@ -123,6 +123,43 @@ def test_static_offset_is_recorded():
   assert seen == [("default", False), (0, True), ("array", False), (2, False)]
 
 
+def _xla_standing_in_for_cudnn(*args, implementation, **kwargs):
+  """jax.nn's XLA path keeps no invisible-slot rule either (its masked weights meet NaN in the
+  ``P V`` product, as cuDNN's do), so it stands in for cuDNN on the CPU."""
+  assert implementation == "cudnn"
+  return jax.nn.dot_product_attention(*args, implementation="xla", **kwargs)
+
+
+@pytest.mark.parametrize("form", ["causal", "window", "offset0", "noncausal"])
+def test_prefill_guard_keeps_the_invisible_slot_rule(form):
+  """Non-finite K/V values in slots a row cannot see never reach it; rows that see one are NaN:
+  what the reference does, around a kernel that leaks them."""
+  from gqa_pallas import cudnn  # pylint: disable=g-import-not-at-top
+  b, t, n, kh, h = 2, 24, 4, 2, 16
+  s = 30 if form in ("offset0", "noncausal") else t
+  q, k, v = numerics.random_qkv(21, b, t, s, n, kh, h, jnp.float32, poison=False)
+  lengths = jnp.array([s, 17], jnp.int32)
+  k = k.at[0, 20, 1, 3].set(jnp.inf).at[1, 25, 0, 0].set(jnp.nan)  # row 1: past its length
+  v = v.at[0, 9, 0, 5].set(jnp.nan).at[1, 3, 1, 2].set(-jnp.inf).at[1, 29, 0, 1].set(jnp.nan)
+  kw = dict(causal=form != "noncausal", scale=h ** -0.5, window=5 if form == "window" else None,
+            with_lengths=form in ("offset0", "noncausal"))
+  full = jnp.full((b,), s, jnp.int32)
+  out = cudnn.prefill_with_finite_guard(_xla_standing_in_for_cudnn, q, k, v,
+                                        lengths if kw["with_lengths"] else full, **kw)
+  ref = gp.attention_reference(
+      q, k, v, causal=kw["causal"], q_offset=jnp.zeros((b,), jnp.int32),
+      kv_lengths=lengths if kw["with_lengths"] else None, sliding_window=kw["window"])
+  leaky = _xla_standing_in_for_cudnn(q, k, v, is_causal=kw["causal"], implementation="cudnn",
+                                     key_value_seq_lengths=lengths if kw["with_lengths"] else None,
+                                     local_window_size=None if kw["window"] is None else (4, 0))
+  out, ref, leaky = (np.asarray(x) for x in (out, ref, leaky))
+  np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+  clean = ~np.isnan(ref)
+  np.testing.assert_allclose(out[clean], ref[clean], atol=2e-6, rtol=2e-6)
+  assert np.isnan(ref).any() and clean.any()
+  assert np.isnan(leaky[clean]).any() or form == "window"  # the stand-in does leak
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: parity with the reference on every form it takes.
 
