@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from gqa_pallas import devices, reference, registry, validation
+from gqa_pallas import devices, partitioning, reference, registry, validation
 
 
 def _is_concrete(*xs) -> bool:
@@ -43,8 +43,17 @@ def _check_fits(lengths, num_new, t_new, s_max) -> None:
 
 
 def _run_append(backend, interpret, k, v, lengths, overflowed, k_new, v_new, num_new):
-  with registry.kernel_scope():
-    return backend.append(k, v, lengths, overflowed, k_new, v_new, num_new, interpret=interpret)
+  def run(*operands):
+    with registry.kernel_scope():
+      return tuple(backend.append(*operands, interpret=interpret))
+
+  operands = (k, v, lengths, overflowed, k_new, v_new, num_new)
+  if backend.differentiable:  # jnp: XLA partitions it itself
+    return run(*operands)
+  rows, kv = partitioning.ROWS, partitioning.KV
+  return partitioning.per_shard(run, operands,
+                                (kv, kv, rows, rows, partitioning.NEW_KV, partitioning.NEW_KV,
+                                 rows), (kv, kv, rows, rows), 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

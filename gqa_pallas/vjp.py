@@ -20,7 +20,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gqa_pallas import finite, reference, registry
+from gqa_pallas import finite, partitioning, reference, registry
+from gqa_pallas import partitioning as _P
 
 LOG2_E = math.log2(math.e)
 
@@ -63,10 +64,20 @@ def prefill(q, k, v, q_offset, kv_lengths, plan: Plan):
 
 
 def _forward(plan, q, k, v, q_offset, kv_lengths, return_lse):
-  with registry.kernel_scope():
-    return plan.forward.prefill(q, k, v, q_offset, kv_lengths, causal=plan.causal,
-                                scale=plan.scale, return_lse=return_lse,
-                                interpret=plan.interpret, config=plan.config, **plan.features)
+  def run(q, k, v, q_offset, kv_lengths):
+    with registry.kernel_scope():
+      res = plan.forward.prefill(q, k, v, q_offset, kv_lengths, causal=plan.causal,
+                                 scale=plan.scale, return_lse=return_lse,
+                                 interpret=plan.interpret, config=plan.config, **plan.features)
+    return tuple(res) if return_lse else (res,)
+
+  if plan.forward.differentiable:  # JAX differentiates it, and XLA partitions it, itself
+    res = run(q, k, v, q_offset, kv_lengths)
+  else:
+    res = partitioning.per_shard(
+        run, (q, k, v, q_offset, kv_lengths), (_P.Q, _P.KV, _P.KV, _P.ROWS, _P.ROWS),
+        (_P.Q, _P.ROW_HEADS) if return_lse else (_P.Q,), q.shape[2] // k.shape[2])
+  return res if return_lse else res[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -86,11 +97,20 @@ def _prefill_bwd(plan, residuals, cotangent):
   # its zero weight into NaN (design.md, "Invisible slots"). Cleared here, once, for every
   # backward: a small pass next to the backward's compute.
   k, v = finite.clear(k), finite.clear(v)
-  with registry.kernel_scope():
-    dq, dk, dv = plan.backward.prefill_bwd(
-        q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse, causal=plan.causal,
-        scale=plan.scale, interpret=plan.interpret, config=plan.backward_config,
-        **plan.features)
+
+  def run(q, k, v, q_offset, kv_lengths, out, lse, d_out, *d_lse):
+    with registry.kernel_scope():
+      return tuple(plan.backward.prefill_bwd(
+          q, k, v, q_offset, kv_lengths, out, lse, d_out, d_lse[0] if d_lse else None,
+          causal=plan.causal, scale=plan.scale, interpret=plan.interpret,
+          config=plan.backward_config, **plan.features))
+
+  operands = (q, k, v, q_offset, kv_lengths, out, lse, d_out) + (
+      () if d_lse is None else (d_lse,))
+  layouts = (_P.Q, _P.KV, _P.KV, _P.ROWS, _P.ROWS, _P.Q, _P.ROW_HEADS, _P.Q) + (
+      () if d_lse is None else (_P.ROW_HEADS,))
+  dq, dk, dv = partitioning.per_shard(run, operands, layouts, (_P.Q, _P.KV, _P.KV),
+                                      q.shape[2] // k.shape[2])
   return dq, dk, dv, None, None
 
 
@@ -126,10 +146,22 @@ def decode(q, k, v, q_offset, lengths, plan: DecodePlan):
 
 
 def _decode_forward(plan, q, k, v, q_offset, lengths):
-  with registry.kernel_scope():
-    return plan.backend.decode(q, k, v, q_offset, lengths, scale=plan.scale,
-                               return_lse=plan.return_lse, interpret=plan.interpret,
-                               config=plan.config, **plan.features)
+  def run(q, k, v, lengths, *q_offset):
+    with registry.kernel_scope():
+      res = plan.backend.decode(q, k, v, q_offset[0] if q_offset else None, lengths,
+                                scale=plan.scale, return_lse=plan.return_lse,
+                                interpret=plan.interpret, config=plan.config, **plan.features)
+    return tuple(res) if plan.return_lse else (res,)
+
+  if plan.backend.differentiable:  # JAX differentiates it, and XLA partitions it, itself
+    res = run(q, k, v, lengths, *(() if q_offset is None else (q_offset,)))
+  else:
+    operands = (q, k, v, lengths) + (() if q_offset is None else (q_offset,))
+    layouts = (_P.Q, _P.KV, _P.KV, _P.ROWS) + (() if q_offset is None else (_P.ROWS,))
+    res = partitioning.per_shard(run, operands, layouts,
+                                 (_P.Q, _P.ROW_HEADS) if plan.return_lse else (_P.Q,),
+                                 q.shape[2] // k.shape[2])
+  return res if plan.return_lse else res[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

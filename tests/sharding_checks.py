@@ -70,6 +70,73 @@ def check_refusals():
       raise AssertionError(f"no error for {words}")
 
 
+def _mesh_2x4():
+  return Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+
+
+def _no_gather(fn, *args):
+  hlo = jax.jit(fn).lower(*args).compile().as_text()
+  assert "all-gather" not in hlo, "an operand was gathered"
+
+
+def check_batch_and_heads(implementation, interpret):
+  """q/k/v (and the per-row vectors) sharded over batch and kv heads: each device runs its
+  shard (no all-gather), the result is the unsharded one; gradients, decode and the append
+  too."""
+  mesh = _mesh_2x4()
+  b, t, n, k, h = 4, 24, 8, 4, 32
+  lengths = jnp.array([24, 9, 0, 17], jnp.int32)
+  q, kk, v = numerics.random_qkv(5, b, t, t, n, k, h, F32, kv_lengths=lengths)
+  heads = NamedSharding(mesh, P("data", None, "model", None))
+  rows = NamedSharding(mesh, P("data"))
+  qs, ks, vs = (jax.device_put(x, heads) for x in (q, kk, v))
+  ls = jax.device_put(lengths, rows)
+  kw = dict(implementation=implementation, interpret=interpret)
+  attend = lambda q, k, v, l: gp.gqa_attention(q, k, v, q_offset=jnp.zeros_like(l),
+                                               kv_lengths=l, **kw)
+  out = jax.jit(attend)(qs, ks, vs, ls)
+  ref = gp.attention_reference(q, kk, v, q_offset=jnp.zeros((b,), jnp.int32), kv_lengths=lengths)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+  assert tuple(out.sharding.spec)[:3] == ("data", None, "model"), out.sharding
+  _no_gather(attend, qs, ks, vs, ls)
+
+  d_out = numerics.random_qkv(6, b, t, t, n, k, h, F32)[0]
+  loss = lambda f: (lambda q, k, v, l: jnp.sum(f(q, k, v, l) * d_out))
+  grads = jax.jit(jax.grad(loss(attend), argnums=(0, 1, 2)))(qs, ks, vs, ls)
+  ref_attend = lambda q, k, v, l: gp.attention_reference(q, k, v, q_offset=jnp.zeros_like(l),
+                                                         kv_lengths=l)
+  clean = [jnp.where(jnp.isfinite(x), x, 0) for x in (q, kk, v)]
+  ref_grads = jax.grad(loss(ref_attend), argnums=(0, 1, 2))(*clean, lengths)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=5e-5, rtol=5e-5)
+  _no_gather(jax.grad(loss(attend), argnums=(0, 1, 2)), qs, ks, vs, ls)
+
+  # Decode over a cache sharded the same way, and the append that fills it.
+  cache = gp.KVCache(ks, vs, ls)
+  q1 = jax.device_put(q[:, :1], heads)
+  dec = lambda q, c: gp.gqa_decode(q, c, **kw)
+  out = jax.jit(dec)(q1, cache)
+  ref = gp.gqa_decode(q[:, :1], gp.KVCache(kk, v, lengths), implementation="xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+  _no_gather(dec, q1, cache)
+  empty = gp.KVCache.init(b, 32, k, h, F32)
+  empty = jax.tree_util.tree_map(
+      lambda x: jax.device_put(x, heads if x.ndim == 4 else rows), empty)
+  add = lambda c, kn, vn: c.append(kn, vn, jnp.array([24, 9, 0, 17]), **kw)
+  filled = jax.jit(add)(empty, ks, vs)
+  want = gp.KVCache.init(b, 32, k, h, F32).append(kk, v, lengths, implementation="xla")
+  np.testing.assert_array_equal(np.asarray(filled.lengths), np.asarray(want.lengths))
+  np.testing.assert_array_equal(np.asarray(filled.k), np.asarray(want.k))
+  _no_gather(add, empty, ks, vs)
+
+  # Inside the caller's own shard_map the kernel sees the local shards.
+  local = jax.shard_map(attend, mesh=mesh, in_specs=(P("data", None, "model"),) * 3 + (P("data"),),
+                        out_specs=P("data", None, "model"), check_vma=False)
+  out = jax.jit(local)(qs, ks, vs, ls)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(attend(q, kk, v, lengths)), atol=2e-5,
+                             rtol=2e-5)
+
+
 def main():
   assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   check_refusals()
@@ -80,6 +147,7 @@ def main():
   check_sequence_parallel("xla", False, F32, 4, window=20)
   check_sequence_parallel("triton", True, BF16, 4)
   check_sequence_parallel("triton", True, F32, 4, t=3, window=9)
+  check_batch_and_heads("triton", True)
   print("ok")
 
 
