@@ -71,7 +71,11 @@ def random_qkv(seed, b, t, s, n, k, h, dtype, kv_lengths=None, poison=True):
 
 def check_against_reference(out, lse, q, k, v, *, factor, **kwargs):
   """Design rule against the float32 reference and the in-dtype reference; lse too."""
+  import jax  # pylint: disable=g-import-not-at-top
   from gqa_pallas import attention_reference  # pylint: disable=g-import-not-at-top
+  # The kernel's result first: Mosaic GPU's interpreter makes eager JAX calls from its callback
+  # threads, which deadlock behind eager ops dispatched while its computation is in flight.
+  jax.block_until_ready((out, lse))
   r32, lse32 = attention_reference(q, k, v, return_lse=True, **kwargs)
   r_d = attention_reference(q, k, v, compute_dtype=q.dtype, **kwargs) if q.dtype != jnp.float32 \
       else r32

@@ -20,9 +20,11 @@ def _dtype(name, dims, dtypes=(F32, BF16), op="prefill"):
 
 
 def _run(name, q, k, v, **kw):
-  return gp.gqa_attention(q, k, v, implementation=name,
-                          interpret=backend_cases.interpret_for(name, "cpu"), return_lse=True,
-                          **kw)
+  # Blocks: eager ops dispatched while Mosaic GPU's interpreter runs can deadlock with its
+  # callback threads (tests/numerics.py, check_against_reference).
+  return jax.block_until_ready(gp.gqa_attention(
+      q, k, v, implementation=name, interpret=backend_cases.interpret_for(name, "cpu"),
+      return_lse=True, **kw))
 
 
 def _scaled_to(q, k, target):
