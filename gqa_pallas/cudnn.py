@@ -65,7 +65,7 @@ def prefill_with_finite_guard(sdpa, q, k, v, kv_lengths, *, causal, scale, windo
   does not keep it. Rows sit at positions ``0..T-1`` (the top-left forms this backend runs)."""
   b, t, n, _ = q.shape
   s, kh = k.shape[1], k.shape[2]
-  counts = finite.bad_slot_counts(jnp.concatenate([k, v], axis=-1))  # [B, K, S + 1]
+  counts = finite.bad_slot_counts(k, v)  # [B, K, S + 1]
   out = _call(sdpa, q, finite.clear(k), finite.clear(v), kv_lengths, causal=causal, scale=scale,
               window=window, with_lengths=with_lengths)
   pos = jnp.arange(t, dtype=jnp.int32)[None, :]

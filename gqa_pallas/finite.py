@@ -11,6 +11,8 @@ itself instead (``flash.finite_values``). The reference uses ``clear`` and ``bad
 """
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 
@@ -25,11 +27,12 @@ def bad_slots(x):
   return ~jnp.all(jnp.isfinite(x), axis=-1)
 
 
-def bad_slot_counts(v):
-  """``int32[B, K, S + 1]``: at ``j``, how many of the slots ``< j`` of ``v [B, S, K, H]`` hold a
-  non-finite value. A query sees one iff the count grows over its visible range (the Triton
-  prefill)."""
-  counts = jnp.cumsum(jnp.moveaxis(bad_slots(v), 1, 2).astype(jnp.int32), axis=-1)
+def bad_slot_counts(*xs):
+  """``int32[B, K, S + 1]``: at ``j``, how many of the slots ``< j`` hold a non-finite value in
+  any of ``xs [B, S, K, H]`` (V for the Triton prefill, K and V around cuDNN). A query sees one
+  iff the count grows over its visible range."""
+  bad = functools.reduce(jnp.logical_or, [bad_slots(x) for x in xs])
+  counts = jnp.cumsum(jnp.moveaxis(bad, 1, 2).astype(jnp.int32), axis=-1)
   return jnp.pad(counts, ((0, 0), (0, 0), (1, 0)))
 
 

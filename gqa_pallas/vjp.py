@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from gqa_pallas import finite, partitioning, reference, registry
-from gqa_pallas import partitioning as _P
 
 LOG2_E = math.log2(math.e)
 
@@ -75,8 +74,8 @@ def _forward(plan, q, k, v, q_offset, kv_lengths, return_lse):
     res = run(q, k, v, q_offset, kv_lengths)
   else:
     res = partitioning.per_shard(
-        run, (q, k, v, q_offset, kv_lengths), (_P.Q, _P.KV, _P.KV, _P.ROWS, _P.ROWS),
-        (_P.Q, _P.ROW_HEADS) if return_lse else (_P.Q,), q.shape[2] // k.shape[2])
+        run, (q, k, v, q_offset, kv_lengths), (partitioning.Q, partitioning.KV, partitioning.KV, partitioning.ROWS, partitioning.ROWS),
+        (partitioning.Q, partitioning.ROW_HEADS) if return_lse else (partitioning.Q,), q.shape[2] // k.shape[2])
   return res if return_lse else res[0]
 
 
@@ -107,9 +106,9 @@ def _prefill_bwd(plan, residuals, cotangent):
 
   operands = (q, k, v, q_offset, kv_lengths, out, lse, d_out) + (
       () if d_lse is None else (d_lse,))
-  layouts = (_P.Q, _P.KV, _P.KV, _P.ROWS, _P.ROWS, _P.Q, _P.ROW_HEADS, _P.Q) + (
-      () if d_lse is None else (_P.ROW_HEADS,))
-  dq, dk, dv = partitioning.per_shard(run, operands, layouts, (_P.Q, _P.KV, _P.KV),
+  layouts = (partitioning.Q, partitioning.KV, partitioning.KV, partitioning.ROWS, partitioning.ROWS, partitioning.Q, partitioning.ROW_HEADS, partitioning.Q) + (
+      () if d_lse is None else (partitioning.ROW_HEADS,))
+  dq, dk, dv = partitioning.per_shard(run, operands, layouts, (partitioning.Q, partitioning.KV, partitioning.KV),
                                       q.shape[2] // k.shape[2])
   return dq, dk, dv, None, None
 
@@ -157,9 +156,9 @@ def _decode_forward(plan, q, k, v, q_offset, lengths):
     res = run(q, k, v, lengths, *(() if q_offset is None else (q_offset,)))
   else:
     operands = (q, k, v, lengths) + (() if q_offset is None else (q_offset,))
-    layouts = (_P.Q, _P.KV, _P.KV, _P.ROWS) + (() if q_offset is None else (_P.ROWS,))
+    layouts = (partitioning.Q, partitioning.KV, partitioning.KV, partitioning.ROWS) + (() if q_offset is None else (partitioning.ROWS,))
     res = partitioning.per_shard(run, operands, layouts,
-                                 (_P.Q, _P.ROW_HEADS) if plan.return_lse else (_P.Q,),
+                                 (partitioning.Q, partitioning.ROW_HEADS) if plan.return_lse else (partitioning.Q,),
                                  q.shape[2] // k.shape[2])
   return res if plan.return_lse else res[0]
 
