@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--resume", action="store_true",
                  help="continue a run that was cut short (a time limit) into the same --out: "
                  "the parts it finished are kept, the others run (the file records the resume)")
+  p.add_argument("--only", default=None,
+                 help="with 'all': run only these parts (comma-separated) into the 'all' file; "
+                 "a later --resume runs the others (for machines with a time limit per command)")
   p.add_argument("--no-docs", action="store_true",
                  help="do not regenerate docs/benchmarks.md and the README table (they are "
                  "regenerated only from the default GPU 'all' file)")
@@ -155,6 +158,10 @@ def main_with_args(args) -> int:
   common.quiet()
   gpu = common.on_gpu()
   parts = PARTS if args.part == "all" else (args.part,)
+  only = PARTS if args.only is None else tuple(x for x in args.only.split(",") if x)
+  if args.only is not None and (args.part != "all" or not set(only) <= set(PARTS)):
+    raise ValueError(f"--only takes parts of 'all' ({', '.join(PARTS)}), comma-separated; got "
+                     f"{args.only!r} with part {args.part!r}.")
   iterations = args.iterations or (20 if gpu else 3)
   dtypes = [jnp.dtype(d) for d in (args.dtypes or (
       "bfloat16" if args.part == "all" else "bfloat16,float16")).split(",")]
@@ -187,7 +194,7 @@ def main_with_args(args) -> int:
   print(f"{info['device']} jax {info['jax']}: copy {ceilings['copy_gbs']:.0f} GB/s, read-only "
         f"{ceilings['read_gbs']:.0f} GB/s, bf16 matmul {ceilings['matmul_tflops']:.1f} TFLOP/s",
         flush=True)
-  todo = [part for part in parts if part not in timings]
+  todo = [part for part in parts if part not in timings and part in only]
   lean = args.part == "all"  # the extras of a part run on their own are left out
   progress = _Progress(_expected_rows(todo, gpu, dtypes, lean))
   rows = _Rows(out, header, progress)
@@ -226,12 +233,15 @@ def main_with_args(args) -> int:
     run.print = real_print
     progress.close()
   print(f"wrote {out} ({len(rows)} rows, {time.perf_counter() - started:.0f} s)")
+  left = [part for part in parts if part not in timings]
+  if left:
+    print(f"parts not run yet: {', '.join(left)} (run again with --resume --out {out})")
   if not args.no_plots:
     img_dir = (report.IMG_DIR if os.path.abspath(out) == _default_all(name) else
                os.path.join(os.path.dirname(os.path.abspath(out)), "img"))
     for path in report.plots_from(out, img_dir):
       print("wrote", path)
-  if gpu and not args.no_docs and os.path.abspath(out) == _default_all(name):
+  if gpu and not args.no_docs and not left and os.path.abspath(out) == _default_all(name):
     report.main([out])
   if not gpu:
     print(NOT_GPU)

@@ -9,10 +9,15 @@ with another ``implementation`` (ours: ``None``; ``"cudnn"``; ``"xla"``).
 Times are wall-clock medians of whole ``generate`` calls (end-to-end loops: the one place
 wall-clock is the measure), the program compiled beforehand:
 
-* ``prefill_ms``: ``generate(..., max_new_tokens=1)`` (the prompt's forward, its cache, one
-  sampled token);
+* ``prefill_ms``: ``t(1)``, the call stopped after its first token (the prompt's forward, its
+  cache, one sampled token);
 * ``decode_tokens_per_s``: ``B * (N - 1) / (t(N) - t(1))`` for ``max_new_tokens = N``: the
   decode steps alone.
+
+``t(1)`` and ``t(N)`` are the same compiled ``generate`` program (``max_new_tokens = N``) stopped
+by its runtime step limit after 1 or N tokens, so each variant compiles once per point. The
+model uses the decoder's default layer layout (an explicit loop over per-layer caches, updated in
+place); ``scan_layers`` would copy the stacked cache and slice the stacked weights at every step.
 
 The host-overhead row times one ``generate`` call at batch 1 against its device time (CUPTI:
 every kernel of the compiled program, summed) and against the compiled program called
@@ -35,13 +40,13 @@ LLAMA_1B = decoder.DecoderConfig(
     vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
     num_kv_heads=8, head_dim=64, rope_theta=500000.0, rms_norm_eps=1e-5,
     tie_word_embeddings=True, max_position_embeddings=131072, dtype="bfloat16",
-    param_dtype="bfloat16", scan_layers=True)
+    param_dtype="bfloat16")
 
 # The CPU run: the same code on a model a CPU generates with in seconds.
 TINY = decoder.DecoderConfig(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
     num_kv_heads=2, head_dim=16, max_position_embeddings=256, dtype="float32",
-    param_dtype="float32", scan_layers=True)
+    param_dtype="float32")
 
 # (prompt length, new tokens, batch sizes); the long-context point runs at batch 1.
 GPU_POINTS = [(2048, 256, (1, 16, 64)), (32768, 256, (1,))]
@@ -66,9 +71,18 @@ def _prompts(batch, length, vocab, seed=0):
   return rng.integers(0, vocab, size=(batch, length), dtype=np.int32)
 
 
-def _generate(config, params, tokens, new_tokens, implementation):
-  return lambda: generation.generate(config, params, tokens, None, new_tokens,
-                                     implementation=implementation)[0]
+def _generate(config, params, tokens, new_tokens, implementation, steps):
+  """What ``generate(config, params, tokens, None, new_tokens, implementation=...)`` does,
+  stopped after ``steps`` tokens."""
+  def call():
+    toks, lengths = generation._check_prompts(  # pylint: disable=protected-access
+        config, tokens, None, new_tokens)
+    return generation._run(  # pylint: disable=protected-access
+        config, params, None, toks, lengths, new_tokens, rng=None, temperature=0.0,
+        greedy=True, top_k=None, use_top_p=False, top_p=None, eos_token_id=None,
+        implementation=implementation, interpret=False, precision=None,
+        fresh_cache=(toks.shape[1] + new_tokens - 1, config.dtype), steps=steps)[0]
+  return call
 
 
 def bench_e2e(rows, *, on_gpu: bool, reps: int = 3, progress=None):
@@ -91,10 +105,9 @@ def bench_e2e(rows, *, on_gpu: bool, reps: int = 3, progress=None):
               f"({b * config.num_heads * prompt_len ** 2 * 8 / 2**30:.0f} GiB)")
           continue
         try:
-          first = _generate(config, params, tokens, 1, impl)
-          full = _generate(config, params, tokens, new_tokens, impl)
-          jax.block_until_ready(first())  # compile
-          jax.block_until_ready(full())
+          first = _generate(config, params, tokens, new_tokens, impl, 1)
+          full = _generate(config, params, tokens, new_tokens, impl, new_tokens)
+          jax.block_until_ready(full())  # compile (one program for both)
           # Batch 1 is the noisiest ratio (a few ms per call): more calls there.
           n = reps + 2 if b == 1 else reps
           t1, tn = _wall_ms(first, n), _wall_ms(full, n)
@@ -124,7 +137,7 @@ def bench_host_overhead(rows, *, on_gpu: bool, reps: int = 10, prompt_len: int =
   tokens = jnp.asarray(_prompts(1, min(prompt_len, config.max_position_embeddings // 2),
                                 config.vocab_size))
   t = tokens.shape[1]
-  call = _generate(config, params, tokens, new_tokens, None)
+  call = lambda: generation.generate(config, params, tokens, None, new_tokens)[0]
   jax.block_until_ready(call())
   wall = _wall_ms(call, reps)
   # The compiled program alone, on the arguments generate passes it.
@@ -144,7 +157,7 @@ def bench_host_overhead(rows, *, on_gpu: bool, reps: int = 10, prompt_len: int =
                   use_top_p=False, implementation=None, interpret=False, precision=None,
                   fresh_cache=(t + new_tokens - 1, config.dtype))
     args = (params, None, tokens, lengths, jax.random.PRNGKey(0), jnp.float32(1.0),
-            jnp.float32(1.0), jnp.full((1,), -1, jnp.int32))
+            jnp.float32(1.0), jnp.full((1,), -1, jnp.int32), jnp.int32(new_tokens))
     device = common.measure_ms(
         lambda *a: generation._generate_jit(*a, **static)[0],  # pylint: disable=protected-access
         *args, iterations=reps)

@@ -353,10 +353,11 @@ def e2e_section(rows, host_rows, source=""):
     return []
   out = ["## End to end: generation with a Llama-3.2-1B-shaped model", "",
          source + "16 layers, hidden 2048, 32:8 heads of 64, intermediate 8192, vocabulary 128256, random "
-         "bf16 weights, `scan_layers`; `flax_layers.generate` with `implementation=None` (ours), "
-         "`\"cudnn\"` and `\"xla\"`, same run. Wall-clock medians of whole calls, compiled "
-         "beforehand: prefill = `generate(max_new_tokens=1)` (the prompt's forward, its cache, "
-         "one token); decode tokens/s = B·(N - 1) / (t(N) - t(1)).", "",
+         "bf16 weights, the decoder's default layer loop; `flax_layers.generate` with "
+         "`implementation=None` (ours), `\"cudnn\"` and `\"xla\"`, same run. Wall-clock "
+         "medians of whole calls, compiled beforehand; t(n) is the call's one compiled program "
+         "stopped after n tokens by its runtime step limit: prefill = t(1) (the prompt's "
+         "forward, its cache, one token); decode tokens/s = B·(N - 1) / (t(N) - t(1)).", "",
          "| B | prompt | new tokens | prefill ms: ours / cuDNN / XLA | decode tok/s: ours / "
          "cuDNN / XLA | ours / cuDNN (decode) | notes |", "|---|---|---|---|---|---|---|"]
   for r in rows:

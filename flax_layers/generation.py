@@ -103,11 +103,13 @@ def sample_logits(logits, rng=None, *, temperature: float = 0.0, top_k: Optional
                      "implementation", "interpret", "precision", "fresh_cache"),
     donate_argnames=("cache",))
 def _generate_jit(params, cache, prompt_tokens, prompt_lengths, rng, temperature, top_p, eos_ids,
-                  *, config, max_new_tokens, greedy, top_k, use_top_p, implementation, interpret,
-                  precision, fresh_cache=None):
+                  steps, *, config, max_new_tokens, greedy, top_k, use_top_p, implementation,
+                  interpret, precision, fresh_cache=None):
   """The whole generation, one program. ``fresh_cache = (max_length, dtype name)`` builds an
   empty cache inside it (``cache`` is then ``None`` and none is returned): ``generate`` then
-  launches no eager allocation per layer and reads nothing back before the call."""
+  launches no eager allocation per layer and reads nothing back before the call. ``steps``
+  (traced int32) stops the loop after that many tokens (at most ``max_new_tokens``): the
+  end-to-end benchmark times one compiled program for 1 and for N tokens."""
   _TRACE_COUNT[0] += 1
   model = Decoder(config, implementation=implementation, interpret=interpret, precision=precision)
   b, t = prompt_tokens.shape
@@ -141,7 +143,7 @@ def _generate_jit(params, cache, prompt_tokens, prompt_lengths, rng, temperature
 
   def cond(state):
     step, _, _, _, _, done, _ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
+    return (step < jnp.minimum(steps, max_new_tokens)) & ~jnp.all(done)
 
   def body(state):
     step, tok, pos, cache, out, done, num = state
@@ -235,15 +237,17 @@ def generate_with_cache(config: DecoderConfig, params, cache, prompt_tokens, pro
 
 def _run(config, params, cache, prompt_tokens, prompt_lengths, max_new_tokens, *, rng,
          temperature, greedy, top_k, use_top_p, top_p, eos_token_id, implementation, interpret,
-         precision, fresh_cache=None):
+         precision, fresh_cache=None, steps=None):
   """The compiled loop on checked inputs: traced scalars and the EOS ids in their fixed form,
-  so that calls differing only in their values share one program."""
+  so that calls differing only in their values share one program (``steps``: stop after that
+  many tokens, default ``max_new_tokens``)."""
   if rng is None:
     rng = jax.random.PRNGKey(0)
   return _generate_jit(
       params, cache, prompt_tokens, prompt_lengths, rng,
       jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
-      _as_eos_array(eos_token_id), config=config, max_new_tokens=int(max_new_tokens),
+      _as_eos_array(eos_token_id), jnp.int32(max_new_tokens if steps is None else steps),
+      config=config, max_new_tokens=int(max_new_tokens),
       greedy=greedy, top_k=top_k, use_top_p=use_top_p, implementation=implementation,
       interpret=bool(interpret), precision=precision, fresh_cache=fresh_cache)
 

@@ -84,3 +84,24 @@ def test_plots_and_tables_from_a_results_file(tmp_path):
   plain = tmp_path / "PLAIN.md"
   plain.write_text("no markers\n")
   assert not report.update_readme(table, res, "x", str(plain))
+
+
+def test_all_in_stages_with_only_then_resume(tmp_path, capsys):
+  out = tmp_path / "cpu.json"
+  argv = ["bench", "all", "--out", str(out), "--no-plots", "--iterations", "1"]
+  assert cli.main(argv + ["--only", "decode"]) == 0
+  res = json.loads(out.read_text())
+  assert set(res["seconds"]) == {"decode"} and {r["kind"] for r in res["rows"]} == {"decode"}
+  assert "parts not run yet: prefill, backward, e2e" in capsys.readouterr().out
+  assert cli.main(argv + ["--only", "e2e", "--resume"]) == 0
+  again = json.loads(out.read_text())
+  assert set(again["seconds"]) == {"decode", "e2e"} and len(again["resumed"]) == 1
+  kinds = [r["kind"] for r in again["rows"]]
+  assert kinds.count("decode") == len(bench.CPU_DECODE) and "host_overhead" in kinds
+  e2e_rows = [r for r in again["rows"] if r["kind"] == "e2e"]
+  assert [r["B"] for r in e2e_rows] == [1, 4]
+  assert all(r["decode_tokens_per_s"]["xla"] > 0 and r["prefill_ms"]["xla"] > 0
+             for r in e2e_rows)
+  capsys.readouterr()
+  assert cli.main(argv + ["--only", "prefil"]) == 2
+  assert "--only takes parts of 'all'" in capsys.readouterr().err

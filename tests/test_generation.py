@@ -80,6 +80,17 @@ def test_generate_greedy_eos_fill_and_no_retrace(tiny):
   generate(config, params, other, np.array([1, 6, 3], np.int32), 10, eos_token_id=7,
            implementation="xla")
   assert generation.trace_count() - before == 1
+  # The runtime step limit (what the e2e benchmark times): the same program stopped after 4
+  # tokens gives their prefix, the rest filled (0 without an EOS), and no retrace.
+  t4, n4 = generation._run(  # pylint: disable=protected-access
+      config, params, None, jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32), 10,
+      rng=None, temperature=0.0, greedy=True, top_k=None, use_top_p=False, top_p=None,
+      eos_token_id=None, implementation="xla", interpret=False, precision=None,
+      fresh_cache=(prompts.shape[1] + 9, "float32"), steps=4)[:2]
+  assert generation.trace_count() - before == 1
+  np.testing.assert_array_equal(np.asarray(n4), 4)
+  np.testing.assert_array_equal(np.asarray(t4)[:, :4], tokens[:, :4])
+  assert np.all(np.asarray(t4)[:, 4:] == 0)
   # Several EOS ids (another static shape); the first one fills.
   eos2 = int(tokens[1, 1])
   t3, n3 = generate(config, params, prompts, lengths, 10, eos_token_id=[eos2, eos],
