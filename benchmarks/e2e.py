@@ -72,17 +72,12 @@ def _prompts(batch, length, vocab, seed=0):
 
 
 def _generate(config, params, tokens, new_tokens, implementation, steps):
-  """What ``generate(config, params, tokens, None, new_tokens, implementation=...)`` does,
-  stopped after ``steps`` tokens."""
-  def call():
-    toks, lengths = generation._check_prompts(  # pylint: disable=protected-access
-        config, tokens, None, new_tokens)
-    return generation._run(  # pylint: disable=protected-access
-        config, params, None, toks, lengths, new_tokens, rng=None, temperature=0.0,
-        greedy=True, top_k=None, use_top_p=False, top_p=None, eos_token_id=None,
-        implementation=implementation, interpret=False, precision=None,
-        fresh_cache=(toks.shape[1] + new_tokens - 1, config.dtype), steps=steps)[0]
-  return call
+  """``generate(config, params, tokens, None, new_tokens, implementation=...)`` stopped after
+  ``steps`` tokens."""
+  return lambda: generation._generate_new_cache(  # pylint: disable=protected-access
+      config, params, tokens, None, new_tokens, rng=None, temperature=0.0, top_k=None,
+      top_p=None, eos_token_id=None, implementation=implementation, interpret=False,
+      precision=None, max_length=None, cache_dtype=None, steps=steps)[0]
 
 
 def bench_e2e(rows, *, on_gpu: bool, reps: int = 3, progress=None):
@@ -142,22 +137,19 @@ def bench_host_overhead(rows, *, on_gpu: bool, reps: int = 10, prompt_len: int =
   wall = _wall_ms(call, reps)
   # The compiled program alone, on the arguments generate passes it.
   lengths = jnp.full((1,), t, jnp.int32)
+  run_kwargs = dict(rng=None, temperature=0.0, greedy=True, top_k=None, use_top_p=False,
+                    top_p=None, eos_token_id=None, implementation=None, interpret=False,
+                    precision=None, fresh_cache=(t + new_tokens - 1, config.dtype))
   direct = lambda: generation._run(  # pylint: disable=protected-access
-      config, params, None, tokens, lengths, new_tokens, rng=None, temperature=0.0,
-      greedy=True, top_k=None, use_top_p=False, top_p=None, eos_token_id=None,
-      implementation=None, interpret=False, precision=None,
-      fresh_cache=(t + new_tokens - 1, config.dtype))[0]
+      config, params, None, tokens, lengths, new_tokens, **run_kwargs)[0]
   jax.block_until_ready(direct())
   program = _wall_ms(direct, reps)
   row = {"kind": "host_overhead", "model": "Llama-3.2-1B shapes" if on_gpu else "tiny (CPU)",
          "B": 1, "prompt": t, "new_tokens": new_tokens, "generate_wall_ms": wall,
          "program_wall_ms": program}
   if on_gpu:
-    static = dict(config=config, max_new_tokens=new_tokens, greedy=True, top_k=None,
-                  use_top_p=False, implementation=None, interpret=False, precision=None,
-                  fresh_cache=(t + new_tokens - 1, config.dtype))
-    args = (params, None, tokens, lengths, jax.random.PRNGKey(0), jnp.float32(1.0),
-            jnp.float32(1.0), jnp.full((1,), -1, jnp.int32), jnp.int32(new_tokens))
+    args, static = generation._jit_arguments(  # pylint: disable=protected-access
+        config, params, None, tokens, lengths, new_tokens, **run_kwargs)
     device = common.measure_ms(
         lambda *a: generation._generate_jit(*a, **static)[0],  # pylint: disable=protected-access
         *args, iterations=reps)

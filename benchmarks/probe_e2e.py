@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from benchmarks import common, e2e
 from flax_layers import decoder, generation
@@ -29,15 +29,6 @@ OPTIONS = {
     "while-graphs": {"xla_gpu_enable_command_buffer":
                      "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"},
 }
-
-
-def _wall(fn, reps=7):
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
 
 
 def main(argv=None):
@@ -63,15 +54,16 @@ def main(argv=None):
   reference = None
   for variant in args.variants.split(","):
     for option in args.options.split(","):
-      static = dict(config=config, max_new_tokens=args.new, greedy=True, top_k=None,
-                    use_top_p=False, implementation=impls[variant], interpret=False,
-                    precision=None, fresh_cache=(prompt + args.new - 1, config.dtype))
-      base = (params, None, tokens, lengths, jax.random.PRNGKey(0), jnp.float32(1.0),
-              jnp.float32(1.0), jnp.full((1,), -1, jnp.int32))
+      jit_args, static = generation._jit_arguments(  # pylint: disable=protected-access
+          config, params, None, tokens, lengths, args.new, rng=None, temperature=0.0,
+          greedy=True, top_k=None, use_top_p=False, top_p=None, eos_token_id=None,
+          implementation=impls[variant], interpret=False, precision=None,
+          fresh_cache=(prompt + args.new - 1, config.dtype))
+      base = jit_args[:-1]  # all but the step limit
       t0 = time.perf_counter()
       try:
         lowered = generation._generate_jit.lower(  # pylint: disable=protected-access
-            *base, jnp.int32(args.new), **static)
+            *jit_args, **static)
         compiled = lowered.compile(compiler_options=OPTIONS[option]) if OPTIONS[option] \
             else lowered.compile()
       except Exception as e:  # pylint: disable=broad-except
@@ -79,20 +71,21 @@ def main(argv=None):
               f"{str(e).splitlines()[0][:300]}", flush=True)
         continue
       compile_s = time.perf_counter() - t0
-      run = lambda n: compiled(*base, jnp.int32(n))[0]  # pylint: disable=cell-var-from-loop
+      run = lambda n: compiled(*base, np.int32(n))[0]  # pylint: disable=cell-var-from-loop
       out = jax.block_until_ready(run(args.new))
       if reference is None:
         reference = out
       same = bool(jnp.array_equal(out, reference))
-      t1, tn = _wall(lambda: run(1)), _wall(lambda: run(args.new))
+      t1 = e2e._wall_ms(lambda: run(1), 7)  # pylint: disable=protected-access
+      tn = e2e._wall_ms(lambda: run(args.new), 7)  # pylint: disable=protected-access
       step_ms = (tn - t1) / (args.new - 1)
       line = (f"{variant:6s} {option:12s} compile {compile_s:5.1f} s  wall t(1) {t1:7.2f} ms  "
               f"t({args.new}) {tn:7.2f} ms  step {step_ms:6.3f} ms  "
               f"tok/s {args.batch / step_ms * 1e3:7.0f}  tokens==first {same}")
       if common.on_gpu():
         from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
-        kernels_1 = profiler.measure(compiled, aggregate=False)(*base, jnp.int32(1))[1]
-        kernels_n = profiler.measure(compiled, aggregate=False)(*base, jnp.int32(args.new))[1]
+        kernels_1 = profiler.measure(compiled, aggregate=False)(*base, np.int32(1))[1]
+        kernels_n = profiler.measure(compiled, aggregate=False)(*base, np.int32(args.new))[1]
         sum_1 = sum(t for _, t in kernels_1)
         sum_n = sum(t for _, t in kernels_n)
         per_step = (len(kernels_n) - len(kernels_1)) / (args.new - 1)

@@ -235,21 +235,28 @@ def generate_with_cache(config: DecoderConfig, params, cache, prompt_tokens, pro
               interpret=interpret, precision=precision)
 
 
-def _run(config, params, cache, prompt_tokens, prompt_lengths, max_new_tokens, *, rng,
-         temperature, greedy, top_k, use_top_p, top_p, eos_token_id, implementation, interpret,
-         precision, fresh_cache=None, steps=None):
-  """The compiled loop on checked inputs: traced scalars and the EOS ids in their fixed form,
-  so that calls differing only in their values share one program (``steps``: stop after that
-  many tokens, default ``max_new_tokens``)."""
+def _jit_arguments(config, params, cache, prompt_tokens, prompt_lengths, max_new_tokens, *, rng,
+                   temperature, greedy, top_k, use_top_p, top_p, eos_token_id, implementation,
+                   interpret, precision, fresh_cache=None, steps=None):
+  """``(args, static)`` of ``_generate_jit`` for checked inputs: traced scalars and the EOS ids
+  in their fixed form, so that calls differing only in their values share one program
+  (``steps``: stop after that many tokens, default ``max_new_tokens``; a NumPy scalar, moved
+  with the call's other arguments rather than by an eager transfer of its own)."""
   if rng is None:
     rng = jax.random.PRNGKey(0)
-  return _generate_jit(
-      params, cache, prompt_tokens, prompt_lengths, rng,
-      jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
-      _as_eos_array(eos_token_id), jnp.int32(max_new_tokens if steps is None else steps),
-      config=config, max_new_tokens=int(max_new_tokens),
-      greedy=greedy, top_k=top_k, use_top_p=use_top_p, implementation=implementation,
-      interpret=bool(interpret), precision=precision, fresh_cache=fresh_cache)
+  args = (params, cache, prompt_tokens, prompt_lengths, rng,
+          jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
+          _as_eos_array(eos_token_id), np.int32(max_new_tokens if steps is None else steps))
+  static = dict(config=config, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
+                use_top_p=use_top_p, implementation=implementation, interpret=bool(interpret),
+                precision=precision, fresh_cache=fresh_cache)
+  return args, static
+
+
+def _run(*args, **kwargs):
+  """The compiled loop on checked inputs (``_jit_arguments``' arguments)."""
+  jit_args, static = _jit_arguments(*args, **kwargs)
+  return _generate_jit(*jit_args, **static)
 
 
 def generate(config: DecoderConfig, params, prompt_tokens, prompt_lengths, max_new_tokens: int,
@@ -281,6 +288,18 @@ def generate(config: DecoderConfig, params, prompt_tokens, prompt_lengths, max_n
     ``(new_tokens int32[B, max_new_tokens], num_generated int32[B])``: positions past a row's stop
     hold ``eos_token_id`` (its first id; 0 without one). ``num_generated`` counts the EOS token.
   """
+  return _generate_new_cache(config, params, prompt_tokens, prompt_lengths, max_new_tokens,
+                             rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
+                             eos_token_id=eos_token_id, implementation=implementation,
+                             interpret=interpret, precision=precision, max_length=max_length,
+                             cache_dtype=cache_dtype)
+
+
+def _generate_new_cache(config, params, prompt_tokens, prompt_lengths, max_new_tokens, *, rng,
+                        temperature, top_k, top_p, eos_token_id, implementation, interpret,
+                        precision, max_length, cache_dtype, steps=None):
+  """``generate``'s body; ``steps`` stops the compiled loop after that many tokens (the
+  end-to-end benchmark)."""
   prompt_tokens, prompt_lengths = _check_prompts(config, prompt_tokens, prompt_lengths,
                                                  max_new_tokens)
   b, t = prompt_tokens.shape
@@ -296,5 +315,6 @@ def generate(config: DecoderConfig, params, prompt_tokens, prompt_lengths, max_n
                         rng=rng, temperature=temperature, greedy=greedy, top_k=top_k,
                         use_top_p=use_top_p, top_p=top_p, eos_token_id=eos_token_id,
                         implementation=implementation, interpret=interpret,
-                        precision=precision, fresh_cache=(max_length, cache_dtype))
+                        precision=precision, fresh_cache=(max_length, cache_dtype),
+                        steps=steps)
   return tokens, num
