@@ -1,8 +1,19 @@
+import faulthandler
+import sys
 import warnings
 
 import pytest
 
 warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*[Tt]riton.*")
+
+import jax  # pylint: disable=g-import-not-at-top
+
+# Synchronous CPU dispatch, set before the CPU client exists. Mosaic GPU's interpreter runs each
+# warpgroup as a compiled program on its own Python thread and makes eager JAX calls from there;
+# with asynchronous dispatch, eager ops the test thread enqueues while such a kernel is in flight
+# can wait on the kernel while its threads wait behind them: a deadlock, seen in CI on 2 cores.
+# Inline execution cannot interleave that way. (GPU runs are unaffected: the flag is CPU only.)
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 from gqa_pallas import devices  # pylint: disable=g-import-not-at-top
 
@@ -36,6 +47,20 @@ def _cache_interpreter_thread_compiles():
 
 
 _cache_interpreter_thread_compiles()
+
+
+# A test that runs this long is hung (the slowest takes about a minute on 2 cores): dump every
+# thread's stack and end the worker, so that CI reports which test crashed instead of timing out.
+_HUNG_TEST_S = 900
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):  # pylint: disable=unused-argument
+  faulthandler.dump_traceback_later(_HUNG_TEST_S, exit=True, file=sys.__stderr__)
+  try:
+    yield
+  finally:
+    faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_collection_modifyitems(config, items):
