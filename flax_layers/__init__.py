@@ -20,20 +20,27 @@ from flax_layers.checkpoint import UnsupportedCheckpointError, load_hf_checkpoin
 from flax_layers.decoder import (MLP, Decoder, DecoderBlock, DecoderConfig, RMSNorm, init_cache,
                                  init_params, stack_layer_params, unstack_layer_params)
 from flax_layers.generation import generate, generate_with_cache, sample_logits
+from flax_layers.partitioning import (LOGICAL_RULES, cache_logical_axes, param_logical_axes,
+                                      shard_cache, shard_params)
 
 __all__ += [
     "MLP",
     "Decoder",
     "DecoderBlock",
     "DecoderConfig",
+    "LOGICAL_RULES",
     "RMSNorm",
     "UnsupportedCheckpointError",
+    "cache_logical_axes",
     "generate",
     "generate_with_cache",
     "init_cache",
     "init_params",
     "load_hf_checkpoint",
+    "param_logical_axes",
     "sample_logits",
+    "shard_cache",
+    "shard_params",
     "stack_layer_params",
     "unstack_layer_params",
 ]

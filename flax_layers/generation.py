@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_layers import partitioning
 from flax_layers.decoder import Decoder, DecoderConfig, init_cache, _cache_lengths
 
 # Number of times the generation program was traced (tests use it to check for retracing).
@@ -100,21 +101,27 @@ def sample_logits(logits, rng=None, *, temperature: float = 0.0, top_k: Optional
 @functools.partial(
     jax.jit,
     static_argnames=("config", "max_new_tokens", "greedy", "top_k", "use_top_p",
-                     "implementation", "interpret", "precision", "fresh_cache"),
+                     "implementation", "interpret", "precision", "fresh_cache", "mesh",
+                     "logical_rules"),
     donate_argnames=("cache",))
 def _generate_jit(params, cache, prompt_tokens, prompt_lengths, rng, temperature, top_p, eos_ids,
                   steps, *, config, max_new_tokens, greedy, top_k, use_top_p, implementation,
-                  interpret, precision, fresh_cache=None):
+                  interpret, precision, fresh_cache=None, mesh=None, logical_rules=None):
   """The whole generation, one program. ``fresh_cache = (max_length, dtype name)`` builds an
   empty cache inside it (``cache`` is then ``None`` and none is returned): ``generate`` then
   launches no eager allocation per layer and reads nothing back before the call. ``steps``
   (traced int32) stops the loop after that many tokens (at most ``max_new_tokens``): the
-  end-to-end benchmark times one compiled program for 1 and for N tokens."""
+  end-to-end benchmark times one compiled program for 1 and for N tokens. ``mesh``: keep the
+  cache (and the rows) sharded on it by ``logical_rules`` through the whole loop."""
   _TRACE_COUNT[0] += 1
   model = Decoder(config, implementation=implementation, interpret=interpret, precision=precision)
   b, t = prompt_tokens.shape
   if fresh_cache is not None:
     cache = init_cache(config, b, fresh_cache[0], jnp.dtype(fresh_cache[1]))
+  if mesh is not None:
+    rows = partitioning.batch_sharding(prompt_tokens.shape, mesh, logical_rules)
+    prompt_tokens = jax.lax.with_sharding_constraint(prompt_tokens, rows)
+    cache = partitioning.constrain_cache(cache, mesh, logical_rules)
   start = _cache_lengths(cache)
   positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
   # A cache made here holds nothing: its prefill is the prompt over itself (every backend).
@@ -149,6 +156,8 @@ def _generate_jit(params, cache, prompt_tokens, prompt_lengths, rng, temperature
     step, tok, pos, cache, out, done, num = state
     logits, cache = model.apply({"params": params}, tok[:, None], positions=pos[:, None],
                                 cache=cache, num_new=one)
+    if mesh is not None:
+      cache = partitioning.constrain_cache(cache, mesh, logical_rules)
     new = pick(logits[:, 0], step)
     new = jnp.where(done, fill, new)
     out = jax.lax.dynamic_update_slice(out, new[:, None], (jnp.int32(0), step))
@@ -210,12 +219,13 @@ def generate_with_cache(config: DecoderConfig, params, cache, prompt_tokens, pro
                         top_k: Optional[int] = None, top_p: Optional[float] = None,
                         eos_token_id: Union[int, Sequence[int], None] = None,
                         implementation: Optional[str] = None, interpret: bool = False,
-                        precision: Any = None):
+                        precision: Any = None, mesh=None, logical_rules=None):
   """``generate`` over a caller-owned cache, which is **donated** and returned updated.
 
   The prompts are appended after whatever each row of ``cache`` already holds (positions continue
   from ``cache.lengths``), so a multi-turn conversation can keep its cache; ``cache.reset()``
   empties it for reuse without reallocating. Returns ``(new_tokens, num_generated, cache)``.
+  With ``mesh``, place the cache with ``partitioning.shard_cache`` first (the loop keeps it so).
   """
   prompt_tokens, prompt_lengths = _check_prompts(config, prompt_tokens, prompt_lengths,
                                                  max_new_tokens)
@@ -232,12 +242,32 @@ def generate_with_cache(config: DecoderConfig, params, cache, prompt_tokens, pro
   return _run(config, params, cache, prompt_tokens, prompt_lengths, max_new_tokens, rng=rng,
               temperature=temperature, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
               top_p=top_p, eos_token_id=eos_token_id, implementation=implementation,
-              interpret=interpret, precision=precision)
+              interpret=interpret, precision=precision, mesh=mesh, logical_rules=logical_rules)
+
+
+def _check_mesh(mesh, logical_rules):
+  """``(mesh, rules)`` in the hashable form ``_generate_jit`` takes as static arguments."""
+  if mesh is None:
+    if logical_rules is not None:
+      raise ValueError("logical_rules needs a mesh: pass mesh=jax.sharding.Mesh(...).")
+    return None, None
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh or None; got {type(mesh).__name__}.")
+  rules = partitioning.LOGICAL_RULES if logical_rules is None else logical_rules
+  try:
+    rules = tuple((str(name), tuple(axis) if isinstance(axis, list) else axis)
+                  for name, axis in rules)
+    hash(rules)
+  except (TypeError, ValueError):
+    raise TypeError(f"logical_rules must be a sequence of (logical name, mesh axis or None) "
+                    f"pairs; got {logical_rules!r}.") from None
+  return mesh, rules
 
 
 def _jit_arguments(config, params, cache, prompt_tokens, prompt_lengths, max_new_tokens, *, rng,
                    temperature, greedy, top_k, use_top_p, top_p, eos_token_id, implementation,
-                   interpret, precision, fresh_cache=None, steps=None):
+                   interpret, precision, fresh_cache=None, steps=None, mesh=None,
+                   logical_rules=None):
   """``(args, static)`` of ``_generate_jit`` for checked inputs: traced scalars and the EOS ids
   in their fixed form, so that calls differing only in their values share one program
   (``steps``: stop after that many tokens, default ``max_new_tokens``; a NumPy scalar, moved
@@ -250,6 +280,7 @@ def _jit_arguments(config, params, cache, prompt_tokens, prompt_lengths, max_new
   static = dict(config=config, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
                 use_top_p=use_top_p, implementation=implementation, interpret=bool(interpret),
                 precision=precision, fresh_cache=fresh_cache)
+  static["mesh"], static["logical_rules"] = _check_mesh(mesh, logical_rules)
   return args, static
 
 
@@ -264,7 +295,7 @@ def generate(config: DecoderConfig, params, prompt_tokens, prompt_lengths, max_n
              top_p: Optional[float] = None, eos_token_id: Union[int, Sequence[int], None] = None,
              implementation: Optional[str] = None, interpret: bool = False,
              precision: Any = None, max_length: Optional[int] = None,
-             cache_dtype=None) -> Tuple[jax.Array, jax.Array]:
+             cache_dtype=None, mesh=None, logical_rules=None) -> Tuple[jax.Array, jax.Array]:
   """Generates up to ``max_new_tokens`` tokens per row after right-padded prompts.
 
   Args:
@@ -283,6 +314,11 @@ def generate(config: DecoderConfig, params, prompt_tokens, prompt_lengths, max_n
     precision: matmul precision of the projections (``"highest"`` for float32 parity on GPU).
     max_length: KV cache length (default ``T + max_new_tokens - 1``, what the loop needs).
     cache_dtype: KV cache dtype (default: the compute dtype).
+    mesh: a ``jax.sharding.Mesh`` to run on: the cache is built sharded on it (rows over
+      ``"data"``, kv heads over ``"model"``) and stays so through the loop; place ``params`` with
+      ``partitioning.shard_params`` (and the prompts over ``"data"``) first. docs/sharding.md.
+    logical_rules: logical axis name -> mesh axis pairs (default
+      ``partitioning.LOGICAL_RULES``), as given to ``shard_params``.
 
   Returns:
     ``(new_tokens int32[B, max_new_tokens], num_generated int32[B])``: positions past a row's stop
@@ -292,12 +328,13 @@ def generate(config: DecoderConfig, params, prompt_tokens, prompt_lengths, max_n
                              rng=rng, temperature=temperature, top_k=top_k, top_p=top_p,
                              eos_token_id=eos_token_id, implementation=implementation,
                              interpret=interpret, precision=precision, max_length=max_length,
-                             cache_dtype=cache_dtype)
+                             cache_dtype=cache_dtype, mesh=mesh, logical_rules=logical_rules)
 
 
 def _generate_new_cache(config, params, prompt_tokens, prompt_lengths, max_new_tokens, *, rng,
                         temperature, top_k, top_p, eos_token_id, implementation, interpret,
-                        precision, max_length, cache_dtype, steps=None):
+                        precision, max_length, cache_dtype, steps=None, mesh=None,
+                        logical_rules=None):
   """``generate``'s body; ``steps`` stops the compiled loop after that many tokens (the
   end-to-end benchmark)."""
   prompt_tokens, prompt_lengths = _check_prompts(config, prompt_tokens, prompt_lengths,
@@ -316,5 +353,5 @@ def _generate_new_cache(config, params, prompt_tokens, prompt_lengths, max_new_t
                         use_top_p=use_top_p, top_p=top_p, eos_token_id=eos_token_id,
                         implementation=implementation, interpret=interpret,
                         precision=precision, fresh_cache=(max_length, cache_dtype),
-                        steps=steps)
+                        steps=steps, mesh=mesh, logical_rules=logical_rules)
   return tokens, num

@@ -2,6 +2,7 @@
 subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the flag must be set
 before JAX starts). Each check raises on failure; the last line printed is ``ok``."""
 import functools
+import re
 import sys
 
 import jax
@@ -11,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gqa_pallas as gp
+from flax_layers import decoder, generation, partitioning
 from gqa_pallas import sharding
 from tests import numerics
 
@@ -137,6 +139,66 @@ def check_batch_and_heads(implementation, interpret):
                              rtol=2e-5)
 
 
+def _gathered_elements(hlo):
+  """The element count of every all-gather result in a compiled program's text."""
+  sizes = []
+  for shape in re.findall(r"= \(?[a-z0-9]+\[([0-9,]*)\][^=]*? all-gather\(", hlo):
+    sizes.append(int(np.prod([int(d) for d in shape.split(",") if d])))
+  return sizes
+
+
+def _spec(x):
+  """``x``'s partition spec with one entry per dimension."""
+  spec = tuple(x.sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def check_generate_on_mesh(scan_layers=False):
+  """``generate`` on a (data=2, model=4) mesh with sharded parameters and cache gives the
+  one-device tokens (greedy and sampled, a fresh and a caller-owned cache) with one trace,
+  and its program gathers nothing bigger than the per-shard argmax of the vocab-split logits."""
+  mesh = _mesh_2x4()
+  cfg = decoder.DecoderConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                              num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16,
+                              attention_bias=True, scan_layers=scan_layers)
+  params = decoder.init_params(cfg, jax.random.PRNGKey(3))
+  placed = partitioning.shard_params(params, mesh)
+  lead = (None,) if scan_layers else ()
+  query = (placed["layers"] if scan_layers else placed["layers_0"])["attn"]["query"]["kernel"]
+  assert _spec(query) == lead + (None, "model", None), query.sharding
+  rows = lambda x: jax.device_put(x, partitioning.batch_sharding(x.shape, mesh))
+  rs = np.random.RandomState(7)
+  prompts = [jnp.asarray(rs.randint(0, 256, (4, 9)), jnp.int32) for _ in range(2)]
+  lengths = jnp.array([9, 3, 7, 1], jnp.int32)
+  kw = dict(implementation="triton", interpret=True)
+  sample = dict(rng=jax.random.PRNGKey(11), temperature=0.8, top_k=40)
+  for opts in ({}, sample):
+    before = generation.trace_count()
+    for prompt in prompts:
+      want, want_num = generation.generate(cfg, params, prompt, lengths, 6, **opts, **kw)
+      got, num = generation.generate(cfg, placed, rows(prompt), rows(lengths), 6, mesh=mesh,
+                                     **opts, **kw)
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+      np.testing.assert_array_equal(np.asarray(num), np.asarray(want_num))
+    assert generation.trace_count() - before == 2, "a second prompt retraced generate"
+  # A caller-owned cache, placed by the helper, keeps its sharding through the loop.
+  cache = partitioning.shard_cache(decoder.init_cache(cfg, 4, 16), mesh)
+  got, _, cache = generation.generate_with_cache(cfg, placed, cache, rows(prompts[0]),
+                                                 rows(lengths), 6, mesh=mesh, **kw)
+  np.testing.assert_array_equal(
+      np.asarray(got), np.asarray(generation.generate(cfg, params, prompts[0], lengths, 6, **kw)[0]))
+  k = cache.k if scan_layers else cache[1].k
+  assert _spec(k) == lead + ("data", None, "model", None), k.sharding
+  args, static = generation._jit_arguments(  # pylint: disable=protected-access
+      cfg, placed, None, rows(prompts[0]), rows(lengths), 6, rng=None, temperature=0.0,
+      greedy=True, top_k=None, use_top_p=False, top_p=None, eos_token_id=None, precision=None,
+      fresh_cache=(14, "float32"), mesh=mesh, **kw)
+  hlo = generation._generate_jit.lower(*args, **static).compile().as_text()  # pylint: disable=protected-access
+  gathered = _gathered_elements(hlo)
+  assert "all-gather" not in hlo or gathered, "all-gathers present but not parsed"
+  assert all(n <= 4 * mesh.size for n in gathered), f"generate gathered arrays of {gathered}"
+
+
 def main():
   assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   check_refusals()
@@ -148,6 +210,8 @@ def main():
   check_sequence_parallel("triton", True, BF16, 4)
   check_sequence_parallel("triton", True, F32, 4, t=3, window=9)
   check_batch_and_heads("triton", True)
+  check_generate_on_mesh()
+  check_generate_on_mesh(scan_layers=True)
   print("ok")
 
 
