@@ -129,14 +129,15 @@ def bench_host_overhead(rows, *, on_gpu: bool, reps: int = 10, prompt_len: int =
   """One ``generate`` call at batch 1: its wall time against its device time."""
   config = LLAMA_1B if on_gpu else TINY
   params = decoder.init_params(config, jax.random.PRNGKey(0))
-  tokens = jnp.asarray(_prompts(1, min(prompt_len, config.max_position_embeddings // 2),
-                                config.vocab_size))
+  # NumPy prompts, as a tokenizer gives them: generate checks them on the host and the call
+  # moves them with its other arguments (a device array would be read back for the check).
+  tokens = _prompts(1, min(prompt_len, config.max_position_embeddings // 2), config.vocab_size)
   t = tokens.shape[1]
   call = lambda: generation.generate(config, params, tokens, None, new_tokens)[0]
   jax.block_until_ready(call())
   wall = _wall_ms(call, reps)
   # The compiled program alone, on the arguments generate passes it.
-  lengths = jnp.full((1,), t, jnp.int32)
+  lengths = np.full((1,), t, np.int32)
   run_kwargs = dict(rng=None, temperature=0.0, greedy=True, top_k=None, use_top_p=False,
                     top_p=None, eos_token_id=None, implementation=None, interpret=False,
                     precision=None, fresh_cache=(t + new_tokens - 1, config.dtype))

@@ -172,24 +172,39 @@ def _generate_jit(params, cache, prompt_tokens, prompt_lengths, rng, temperature
 
 def _as_eos_array(eos_token_id):
   if eos_token_id is None:
-    return jnp.full((1,), -1, jnp.int32)
+    return np.full((1,), -1, np.int32)
   ids = np.atleast_1d(np.asarray(eos_token_id))
   if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) or np.any(ids < 0):
     raise ValueError(f"eos_token_id must be a non-negative int, a non-empty sequence of them or "
                      f"None; got {eos_token_id!r}.")
-  return jnp.asarray(ids, jnp.int32)
+  return ids.astype(np.int32)
+
+
+def _host_or_device(x):
+  """A JAX array (or tracer) as it is; anything else as a NumPy array, kept on the host."""
+  return x if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def _as_int32(x):
+  if x.dtype == np.int32:
+    return x
+  return x.astype(jnp.int32) if isinstance(x, jax.Array) else x.astype(np.int32)
 
 
 def _check_prompts(config: DecoderConfig, prompt_tokens, prompt_lengths, max_new_tokens):
-  prompt_tokens = jnp.asarray(prompt_tokens)
-  if prompt_tokens.ndim != 2 or not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
+  """Checks the prompts; returns ``(tokens, lengths)`` as int32. Host inputs (NumPy arrays,
+  lists) are checked on the host and stay there: the compiled call moves them with its other
+  arguments, so no transfer or read-back happens before it. A JAX array's values are read back
+  for the check (one device sync: pass NumPy prompts to avoid it); a tracer's are not checked."""
+  prompt_tokens = _host_or_device(prompt_tokens)
+  if prompt_tokens.ndim != 2 or not np.issubdtype(prompt_tokens.dtype, np.integer):
     raise ValueError(f"prompt_tokens must be int32[B, T]; got {prompt_tokens.dtype}"
                      f"{list(prompt_tokens.shape)}.")
   b, t = prompt_tokens.shape
   if prompt_lengths is None:
-    prompt_lengths = jnp.full((b,), t, jnp.int32)
-  prompt_lengths = jnp.asarray(prompt_lengths)
-  if prompt_lengths.shape != (b,) or not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
+    prompt_lengths = np.full((b,), t, np.int32)
+  prompt_lengths = _host_or_device(prompt_lengths)
+  if prompt_lengths.shape != (b,) or not np.issubdtype(prompt_lengths.dtype, np.integer):
     raise ValueError(f"prompt_lengths must be int32[{b}]; got {prompt_lengths.dtype}"
                      f"{list(prompt_lengths.shape)}.")
   if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
@@ -211,7 +226,7 @@ def _check_prompts(config: DecoderConfig, prompt_tokens, prompt_lengths, max_new
       raise ValueError(f"prompt_tokens[{row}, {pos}] = {toks[row, pos]} is outside [0, "
                        f"vocab_size={config.vocab_size}) ({int(bad.sum())} such tokens inside "
                        "prompt_lengths; padding past them is not checked).")
-  return prompt_tokens.astype(jnp.int32), prompt_lengths.astype(jnp.int32)
+  return _as_int32(prompt_tokens), _as_int32(prompt_lengths)
 
 
 def generate_with_cache(config: DecoderConfig, params, cache, prompt_tokens, prompt_lengths,
@@ -264,18 +279,28 @@ def _check_mesh(mesh, logical_rules):
   return mesh, rules
 
 
+@functools.lru_cache(maxsize=None)
+def _default_key_for(impl: str) -> np.ndarray:
+  return np.asarray(jax.random.PRNGKey(0))
+
+
+def _default_key() -> np.ndarray:
+  """``PRNGKey(0)``'s raw data on the host, made once per PRNG implementation."""
+  return _default_key_for(str(jax.config.jax_default_prng_impl))
+
+
 def _jit_arguments(config, params, cache, prompt_tokens, prompt_lengths, max_new_tokens, *, rng,
                    temperature, greedy, top_k, use_top_p, top_p, eos_token_id, implementation,
                    interpret, precision, fresh_cache=None, steps=None, mesh=None,
                    logical_rules=None):
   """``(args, static)`` of ``_generate_jit`` for checked inputs: traced scalars and the EOS ids
   in their fixed form, so that calls differing only in their values share one program
-  (``steps``: stop after that many tokens, default ``max_new_tokens``; a NumPy scalar, moved
-  with the call's other arguments rather than by an eager transfer of its own)."""
-  if rng is None:
-    rng = jax.random.PRNGKey(0)
+  (``steps``: stop after that many tokens, default ``max_new_tokens``). Every scalar is a NumPy
+  value, moved with the call's other arguments rather than by an eager transfer of its own."""
+  if rng is None:  # greedy: the key is never used
+    rng = _default_key()
   args = (params, cache, prompt_tokens, prompt_lengths, rng,
-          jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p or 1.0),
+          np.float32(temperature if not greedy else 1.0), np.float32(top_p or 1.0),
           _as_eos_array(eos_token_id), np.int32(max_new_tokens if steps is None else steps))
   static = dict(config=config, max_new_tokens=int(max_new_tokens), greedy=greedy, top_k=top_k,
                 use_top_p=use_top_p, implementation=implementation, interpret=bool(interpret),

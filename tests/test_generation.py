@@ -123,6 +123,33 @@ def test_generate_builds_its_cache_inside_the_program(tiny, monkeypatch):
   np.testing.assert_array_equal(np.asarray(num), np.asarray(want_num))
 
 
+def test_generate_moves_host_inputs_with_the_call(tiny, monkeypatch):
+  """Host overhead: NumPy prompts, the default key, the sampling scalars, the EOS ids and the
+  step limit reach the compiled program as NumPy values (no eager transfer or read-back of
+  their own before it); device prompts stay as given."""
+  config, params = tiny
+  prompts, lengths = ragged_prompts(3, [5, 3])
+  prompts, lengths = np.asarray(prompts), np.asarray(lengths)
+  seen = []
+  real = generation._generate_jit  # pylint: disable=protected-access
+
+  def spy(*args, **kwargs):
+    seen.append(args[2:])
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(generation, "_generate_jit", spy)
+  want = generate(config, params, prompts.tolist(), lengths.tolist(), 4, implementation="xla",
+                  eos_token_id=[7, 3])
+  for host in seen[0]:
+    assert isinstance(host, (np.ndarray, np.generic)), type(host)
+  assert seen[0][0].dtype == np.int32 and seen[0][1].dtype == np.int32
+  got = generate(config, params, jnp.asarray(prompts), jnp.asarray(lengths), 4,
+                 implementation="xla", eos_token_id=[7, 3])
+  assert isinstance(seen[1][0], jax.Array) and isinstance(seen[1][1], jax.Array)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_generate_sampling_and_interpret_mode(tiny):
   config, params = tiny
   prompts, lengths = ragged_prompts(1, [5, 3, 1])
