@@ -1,5 +1,5 @@
 """``gqa-pallas bench {prefill,decode,backward,e2e,all}``: one run, every implementation side by
-side, one JSON, the plots and the benchmark page.
+side, one JSON, the plots and the benchmark page (``sharded``: ``benchmarks/sharded.py``).
 
 On a GPU it measures the ceilings first (device copy and read-only bandwidth, a bf16 matmul),
 then each part over the anchor grids of ``benchmarks/shapes.py``: every registered Pallas
@@ -54,7 +54,9 @@ RATE_KEYS = {"prefill": "tflops", "chunked_prefill": "tflops", "backward": "tflo
 
 
 def add_arguments(p: argparse.ArgumentParser):
-  p.add_argument("part", choices=PARTS + ("all",), help="what to measure")
+  p.add_argument("part", choices=PARTS + ("all", "sharded"),
+                 help="what to measure ('sharded': decode on one device against several, "
+                 "benchmarks/sharded.py; not part of 'all')")
   p.add_argument("--out", default=None, help="the JSON to write (default: "
                  "benchmarks/results/<device>[-<part>].json)")
   p.add_argument("--iterations", type=int, default=None,
@@ -70,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser):
   p.add_argument("--only", default=None,
                  help="with 'all': run only these parts (comma-separated) into the 'all' file; "
                  "a later --resume runs the others (for machines with a time limit per command)")
+  p.add_argument("--devices", type=int, default=None,
+                 help="with 'sharded': how many devices (default: all of them)")
   p.add_argument("--no-docs", action="store_true",
                  help="do not regenerate docs/benchmarks.md and the README table (they are "
                  "regenerated only from the default GPU 'all' file)")
@@ -155,6 +159,11 @@ def device_name(info) -> str:
 
 
 def main_with_args(args) -> int:
+  if args.part == "sharded":
+    from benchmarks import sharded  # pylint: disable=g-import-not-at-top
+    return sharded.main_with_args(args)
+  if args.devices is not None:
+    raise ValueError(f"--devices is for 'sharded'; part {args.part!r} runs on one device.")
   common.quiet()
   gpu = common.on_gpu()
   parts = PARTS if args.part == "all" else (args.part,)

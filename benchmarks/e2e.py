@@ -71,13 +71,14 @@ def _prompts(batch, length, vocab, seed=0):
   return rng.integers(0, vocab, size=(batch, length), dtype=np.int32)
 
 
-def _generate(config, params, tokens, new_tokens, implementation, steps):
-  """``generate(config, params, tokens, None, new_tokens, implementation=...)`` stopped after
-  ``steps`` tokens."""
+def _generate(config, params, tokens, new_tokens, implementation, steps, *, interpret=False,
+              mesh=None):
+  """``generate(config, params, tokens, None, new_tokens, implementation=..., mesh=...)``
+  stopped after ``steps`` tokens."""
   return lambda: generation._generate_new_cache(  # pylint: disable=protected-access
       config, params, tokens, None, new_tokens, rng=None, temperature=0.0, top_k=None,
-      top_p=None, eos_token_id=None, implementation=implementation, interpret=False,
-      precision=None, max_length=None, cache_dtype=None, steps=steps)[0]
+      top_p=None, eos_token_id=None, implementation=implementation, interpret=interpret,
+      precision=None, max_length=None, cache_dtype=None, steps=steps, mesh=mesh)[0]
 
 
 def bench_e2e(rows, *, on_gpu: bool, reps: int = 3, progress=None):

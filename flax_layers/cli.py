@@ -8,7 +8,7 @@ Subcommands:
              (``--checkpoint DIR``), or from a random-weight model built on the fly without one.
              Token ids in and out; text in and out when the directory has a ``tokenizer.json`` and
              the ``tokenizers`` package is installed.
-  bench      ``bench {prefill,decode,backward,e2e,all}``: the benchmarks of a source checkout
+  bench      ``bench {prefill,decode,backward,e2e,all,sharded}``: the benchmarks of a source checkout
              (``benchmarks/bench.py``): every implementation side by side, one JSON, plots.
 """
 from __future__ import annotations
