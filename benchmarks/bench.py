@@ -73,7 +73,8 @@ def add_arguments(p: argparse.ArgumentParser):
                  help="with 'all': run only these parts (comma-separated) into the 'all' file; "
                  "a later --resume runs the others (for machines with a time limit per command)")
   p.add_argument("--devices", type=int, default=None,
-                 help="with 'sharded': how many devices (default: all of them)")
+                 help="with 'sharded': how many devices (default: all of them; 1: the one-device "
+                 "baseline alone)")
   p.add_argument("--no-docs", action="store_true",
                  help="do not regenerate docs/benchmarks.md and the README table (they are "
                  "regenerated only from the default GPU 'all' file)")

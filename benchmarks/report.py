@@ -409,7 +409,7 @@ def sharded_section(res, rel):
     notes = "; ".join(f"{k}: {v}" for k, v in r.get("errors", {}).items()) or r.get(
         "skipped", "-")
     out.append(f"| {r['layout']} | {r['model']}, {r['N']}:{r['K']} H{r['H']} | {r['B']} | "
-               f"{r['prompt']} + {r['new_tokens']} | {_f(d.get('1'))} | {_f(d.get(str(n)))} | "
+               f"{r['prompt']} + {r['new_tokens']} | {_f(d.get('1'))} | {_f(d.get(str(n)) if n > 1 else None)} | "
                f"{_f(r.get('speedup'), '{:.2f}x')} | "
                f"{bar}x ({met}) | {_f(r.get('same_tokens'), '{:.3f}')} | {notes} |")
   out.append("")
@@ -422,7 +422,7 @@ def sharded_section(res, rel):
             f"{r['loop_steps']} chained calls):", "",
             f"| devices | ms per step | speedup | max error vs float32 | exact (design.md) |",
             "|---|---|---|---|---|"]
-    for name in ("1", str(n)):
+    for name in sorted(ms, key=int):
       out.append(f"| {name} | {_f(ms.get(name), '{:.3f}')} | "
                  f"{_f(r.get('speedup') if name != '1' else 1.0, '{:.2f}x')} | "
                  f"{_f(err.get(name), '{:.2e}')} | {exact.get(name, '-')} |")

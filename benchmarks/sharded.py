@@ -19,7 +19,8 @@ compiled loop of decode calls, each step's query the previous step's output (no 
 skipped), by wall clock divided by the steps: CUPTI sums kernel times over devices, which says
 nothing about a parallel speedup. ``speedup`` is the ``n``-device rate over the one-device rate.
 
-Without a GPU it runs the same code on tiny shapes over the CPU's devices (run it with
+``--devices 1`` runs the one-device baseline alone (a machine with one GPU). Without a GPU it
+runs the same code on tiny shapes over the CPU's devices (run it with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` or more) and says so.
 """
 from __future__ import annotations
@@ -89,7 +90,7 @@ def bench_decoder(rows, devices, *, on_gpu, reps, implementation, interpret, pro
     tokens = _prompts(b, prompt_len, config.vocab_size)
     outputs = {}
     mesh = _mesh(devices, layout)
-    for name, variant_mesh in (("1", None), (str(n), mesh)):
+    for name, variant_mesh in (("1", None), (str(n), mesh))[:1 if n == 1 else 2]:
       try:
         if variant_mesh is None:
           p, t = params, jnp.asarray(tokens)
@@ -111,7 +112,7 @@ def bench_decoder(rows, devices, *, on_gpu, reps, implementation, interpret, pro
         continue
       row["decode_tokens_per_s"][name] = b * (new_tokens - 1) / (tn - t1) * 1e3
     tps = row["decode_tokens_per_s"]
-    if "1" in tps and str(n) in tps:
+    if n > 1 and "1" in tps and str(n) in tps:
       row["speedup"] = tps[str(n)] / tps["1"]
       # Greedy tokens: equal where every device computes what one device does; a model-axis
       # split sums partial products in another order, so a near tie may pick another token.
@@ -157,7 +158,7 @@ def bench_sequence(rows, devices, *, on_gpu, reps, implementation, interpret, pr
   one = lambda q, c: gp.gqa_decode(q, c, **kw)
   spread = lambda q, c: sharding.sequence_parallel_decode(q, c, mesh=mesh, axis_name="seq", **kw)
   outs = {}
-  for name, fn, cache in (("1", one, whole), (str(n), spread, split)):
+  for name, fn, cache in (("1", one, whole), (str(n), spread, split))[:1 if n == 1 else 2]:
     try:
       outs[name] = np.asarray(jax.jit(fn)(q, cache), np.float64)
       row["ms_per_step"][name] = _loop_ms(fn, q, cache, steps, reps)
@@ -180,7 +181,7 @@ def bench_sequence(rows, devices, *, on_gpu, reps, implementation, interpret, pr
     row.setdefault("exact", {})[name] = bool(err.max() <= 3 * err_d.max() + 1e-5 and
                                              err.mean() <= 1.5 * err_d.mean() + 1e-6)
   ms = row["ms_per_step"]
-  if "1" in ms and str(n) in ms:
+  if n > 1 and "1" in ms and str(n) in ms:
     row["speedup"] = ms["1"] / ms[str(n)]
   rows.append(row)
   if progress:
@@ -195,14 +196,17 @@ def main_with_args(args) -> int:
   gpu = common.on_gpu()
   devices = jax.devices()
   if args.devices is not None:
-    if not 2 <= args.devices <= len(devices):
-      raise ValueError(f"--devices must be between 2 and the {len(devices)} devices here; got "
+    if not 1 <= args.devices <= len(devices):
+      raise ValueError(f"--devices must be between 1 and the {len(devices)} devices here; got "
                        f"{args.devices}.")
     devices = devices[:args.devices]
-  if len(devices) < 2:
+  elif len(devices) < 2:
     raise ValueError(f"bench sharded needs at least 2 devices; this machine has {len(devices)} "
-                     f"({devices[0].device_kind}). On a CPU, set XLA_FLAGS="
-                     "--xla_force_host_platform_device_count=2 before starting.")
+                     f"({devices[0].device_kind}). Pass --devices 1 for the one-device baseline "
+                     "alone; on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+                     "before starting.")
+  if len(devices) == 1:
+    print("one device: the baseline rows only (no mesh, no speedup)", flush=True)
   from benchmarks import bench, report  # pylint: disable=g-import-not-at-top
   info = common.device_info()
   name = bench.device_name(info) if gpu else "cpu"
@@ -225,7 +229,7 @@ def main_with_args(args) -> int:
                  interpret=interpret, progress=say)
   rows.save()
   print(f"wrote {out} ({len(rows)} rows, {time.perf_counter() - started:.0f} s)")
-  if gpu and not args.no_docs and args.out is None:
+  if gpu and len(devices) > 1 and not args.no_docs and args.out is None:
     print("updated", report.update_sharding_doc(out))
   if not gpu:
     print(bench.NOT_GPU)

@@ -73,7 +73,10 @@ def test_bench_sharded_on_2_simulated_devices(tmp_path):
   assert "| 2 |" in text and "exact (design.md)" in text
 
 
-def test_bench_sharded_needs_two_devices(capsys):
+def test_bench_sharded_needs_two_devices_or_says_baseline(capsys):
   from flax_layers import cli  # pylint: disable=g-import-not-at-top
   assert cli.main(["bench", "sharded", "--out", os.devnull]) == 2
-  assert "needs at least 2 devices" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "needs at least 2 devices" in err and "--devices 1" in err
+  assert cli.main(["bench", "sharded", "--devices", "3", "--out", os.devnull]) == 2
+  assert "--devices must be between 1 and the 1 devices" in capsys.readouterr().err
